@@ -1,0 +1,49 @@
+# cpt: `make demo` (quickstart) and `make test` (every test) work on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := true
+export CPT_CACHE ?= $(CURDIR)/.cpt_cache
+
+.PHONY: setup demo test test-fast lint bench docs clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# A CPU torch where none is installed: torch==2.13.0 installs from this machine's disk; an
+# unpinned torch would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/python -m cpt_cli data quickstart data/quickstart
+	$(BIN)/python -m cpt_cli train recipes/quickstart/base.yaml --overwrite
+	$(BIN)/python -m cpt_cli train recipes/quickstart/cpt.yaml --overwrite
+	$(BIN)/python -m cpt_cli train recipes/quickstart/finetune.yaml --overwrite
+	$(BIN)/python -m cpt_cli.quickstart compare runs/quickstart-cpt runs/quickstart-finetune
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check cpt_cli tests bench
+
+bench: setup
+	$(BIN)/python bench/tokenize_cache.py
+	$(BIN)/python bench/loader.py
+	$(BIN)/python bench/cpu_train.py
+
+docs: setup
+	$(BIN)/python -m cpt_cli.docgen
+
+clean:
+	rm -rf runs .cpt_cache data/quickstart

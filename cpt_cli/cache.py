@@ -1,0 +1,221 @@
+"""The tokenization cache: each source tokenized once into flat token files, reused everywhere.
+
+Layout of one entry, `<cache>/tokens/<source>-<key>/` (key = hash of the source's content, how text
+is extracted, and the tokenizer):
+
+    tokens.bin     every document's tokens back to back (uint16 when the vocabulary fits, else
+                   uint32), no separators: EOS is added when packing
+    offsets.npy    int64, documents + 1 entries: document i is tokens[offsets[i]:offsets[i+1]]
+    hashes.npy     uint64 hash of each document's whitespace-normalized text (holdout, dedup)
+    nbytes.npy     UTF-8 bytes of each document
+    pool.jsonl     the documents with the smallest hashes, with their text: the held-out
+                   candidates (`holdout_pool_tokens` of them), so holding out never re-reads
+    meta.json      counts, skipped records, fingerprints: written last, so its presence means the
+                   entry is complete
+
+Entries are built in a temporary folder and renamed into place, so a crash never leaves a
+half-written entry that a later run would trust. As in nanoGPT, training reads `tokens.bin` with
+`np.memmap`: the corpus never has to fit in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from cpt_cli.config import SourceConfig
+from cpt_cli.errors import DataError
+from cpt_cli.sources import ReadStats, fingerprint_source, read_documents
+
+CACHE_VERSION = "cpt-cache-1"
+# Text per tokenizer call: large enough that the Rust side keeps every core busy (it splits a
+# batch across threads), small enough that memory stays flat (about 4 MB of text in flight).
+_BATCH_CHARS = 4_000_000
+_BATCH_DOCS = 4096
+DEFAULT_POOL_TOKENS = 1_000_000
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CPT_CACHE", Path.home() / ".cache" / "cpt"))
+
+
+def document_hash(text: str) -> int:
+    """64-bit hash of the text with runs of whitespace collapsed: the identity used for holdout
+    selection (stable when documents are added) and for exact-duplicate checks."""
+    normalized = " ".join(text.split()).encode("utf-8")
+    return int.from_bytes(hashlib.blake2b(normalized, digest_size=8).digest(), "little")
+
+
+@dataclass
+class TokenizedSource:
+    """A source in the cache, memory-mapped."""
+
+    name: str
+    key: str
+    path: Path
+    meta: dict[str, Any]
+    tokens: np.ndarray
+    offsets: np.ndarray
+    hashes: np.ndarray
+    nbytes: np.ndarray
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def pool(self) -> list[dict[str, Any]]:
+        """Held-out candidates: {index, hash, tokens, text}, smallest hash first."""
+        with open(self.path / "pool.jsonl", encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh]
+
+
+def entry_key(source: SourceConfig, content_fp: str, tokenizer_fp: str) -> str:
+    how = json.dumps({"text_field": source.text_field, "template": source.template,
+                      "min_chars": source.min_chars, "on_error": source.on_error}, sort_keys=True)
+    return hashlib.sha256(f"{CACHE_VERSION}|{content_fp}|{how}|{tokenizer_fp}".encode()
+                          ).hexdigest()[:20]
+
+
+def open_entry(path: Path, name: str) -> TokenizedSource:
+    meta = json.loads((path / "meta.json").read_text())
+    dtype = np.dtype(meta["dtype"])
+    n = int(meta["tokens"])
+    tokens = np.memmap(path / "tokens.bin", dtype=dtype, mode="r", shape=(n,)) if n else \
+        np.zeros(0, dtype=dtype)
+    return TokenizedSource(name=name, key=path.name, path=path, meta=meta, tokens=tokens,
+                           offsets=np.load(path / "offsets.npy"),
+                           hashes=np.load(path / "hashes.npy"),
+                           nbytes=np.load(path / "nbytes.npy"))
+
+
+def prepare_source(source: SourceConfig, base_dir: str | Path, tokenizer: PreTrainedTokenizerBase,
+                   tokenizer_fp: str, cache_dir: Path, *, pool_tokens: int = DEFAULT_POOL_TOKENS,
+                   progress: Callable[[int, int], None] | None = None) -> TokenizedSource:
+    """Tokenize `source` into the cache unless an entry with the same key (and a large enough
+    held-out pool) is there already. `progress(documents, tokens)` is called per batch."""
+    content_fp = fingerprint_source(source, base_dir, cache_dir)
+    key = entry_key(source, content_fp, tokenizer_fp)
+    target = cache_dir / "tokens" / f"{source.name}-{key}"
+    if (target / "meta.json").exists():
+        entry = open_entry(target, source.name)
+        if entry.meta["pool_tokens"] >= pool_tokens or entry.meta["pool_complete"]:
+            return entry
+        shutil.rmtree(target, ignore_errors=True)  # rebuilt below with a larger pool
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{source.name}-{key}."))
+    try:
+        meta = _tokenize_into(tmp, source, base_dir, tokenizer, pool_tokens, progress)
+        meta.update(source=source.name, key=key, content_fingerprint=content_fp,
+                    tokenizer_fingerprint=tokenizer_fp, version=CACHE_VERSION)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process (a second node, say) finished the same entry first: use theirs.
+            if not (target / "meta.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return open_entry(target, source.name)
+
+
+def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
+    batch: list[str] = []
+    chars = 0
+    for text in docs:
+        batch.append(text)
+        chars += len(text)
+        if chars >= _BATCH_CHARS or len(batch) >= _BATCH_DOCS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _tokenize_into(folder: Path, source: SourceConfig, base_dir: str | Path,
+                   tokenizer: PreTrainedTokenizerBase, pool_tokens: int,
+                   progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+    backend = tokenizer.backend_tokenizer
+    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
+    stats = ReadStats()
+    offsets: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
+    hashes: list[np.ndarray] = []
+    nbytes: list[np.ndarray] = []
+    # Max-heap (by hash, negated) of the smallest-hash documents: the held-out candidates.
+    pool: list[tuple[int, int, int, str]] = []
+    pool_total = 0
+    total_tokens = 0
+    n_docs = 0
+
+    def encode(batch: list[str]) -> tuple[list[str], list[list[int]]]:
+        # encode_batch_fast skips offset tracking; the Rust side releases the GIL, so the next
+        # batch is read and hashed on this thread while this one is encoded on all cores.
+        encodings = backend.encode_batch_fast(batch, add_special_tokens=False)
+        return batch, [e.ids for e in encodings]
+
+    with open(folder / "tokens.bin", "wb") as out, ThreadPoolExecutor(max_workers=1) as pool_ex:
+        pending = None
+        batches = _batches(read_documents(source, base_dir, stats))
+        while True:
+            nxt = next(batches, None)
+            future = pool_ex.submit(encode, nxt) if nxt is not None else None
+            if pending is not None:
+                texts, ids = pending.result()
+                lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+                flat = np.fromiter((t for x in ids for t in x), dtype=dtype,
+                                   count=int(lengths.sum()))
+                out.write(flat.tobytes())
+                offsets.append(total_tokens + np.cumsum(lengths))
+                batch_hashes = np.fromiter((document_hash(t) for t in texts), dtype=np.uint64,
+                                           count=len(texts))
+                hashes.append(batch_hashes)
+                nbytes.append(np.fromiter((len(t.encode("utf-8")) for t in texts),
+                                          dtype=np.int64, count=len(texts)))
+                for j, text in enumerate(texts):
+                    h = int(batch_hashes[j])
+                    if pool_total >= pool_tokens and -pool[0][0] < h:
+                        continue  # the pool is full and this hash is above all it keeps
+                    heapq.heappush(pool, (-h, n_docs + j, int(lengths[j]), text))
+                    pool_total += int(lengths[j])
+                    while pool and pool_total - pool[0][2] >= pool_tokens:
+                        pool_total -= heapq.heappop(pool)[2]
+                total_tokens += int(lengths.sum())
+                n_docs += len(texts)
+                if progress is not None:
+                    progress(n_docs, total_tokens)
+            if future is None:
+                break
+            pending = future
+    if n_docs == 0:
+        skipped = ", ".join(f"{v} {k}" for k, v in stats.skipped.items()) or "none"
+        raise DataError(f"source {source.name!r} has no documents (skipped: {skipped}). Check "
+                        "its path, text_field and min_chars.")
+    np.save(folder / "offsets.npy", np.concatenate(offsets))
+    np.save(folder / "hashes.npy", np.concatenate(hashes))
+    np.save(folder / "nbytes.npy", np.concatenate(nbytes))
+    with open(folder / "pool.jsonl", "w", encoding="utf-8") as fh:
+        for neg_h, index, length, text in sorted(pool, key=lambda item: (-item[0], item[1])):
+            fh.write(json.dumps({"index": index, "hash": -neg_h, "tokens": length,
+                                 "text": text}) + "\n")
+    return {"documents": n_docs, "tokens": total_tokens, "dtype": np.dtype(dtype).name,
+            "skipped": dict(stats.skipped), "pool_tokens": pool_tokens,
+            "pool_complete": pool_total >= total_tokens}

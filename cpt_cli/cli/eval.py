@@ -1,0 +1,70 @@
+"""`cpt eval PATH`"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from cpt_cli.cli import app, print_json, run_guarded
+from cpt_cli.cli.options import Json
+from cpt_cli.errors import UsageError
+
+
+@app.command("eval")
+def eval_command(
+    path: Annotated[str, typer.Argument(help="A final/ folder, a checkpoint, or a run directory "
+                                             "(then every checkpoint, as curves).")],
+    data: Annotated[list[str] | None, typer.Option(
+        "--data", help="NAME=FILE: evaluate this JSONL (text field) or text file as domain NAME "
+                       "instead of the lineage's held-out sets. Repeatable.")] = None,
+    base: Annotated[str | None, typer.Option(
+        "--base", help="Start model to compare against (default: the run's own start).")] = None,
+    max_forgetting: Annotated[float | None, typer.Option(
+        "--max-forgetting", help="Exit with status 1 when a retained domain's delta bpb exceeds "
+                                 "this.")] = None,
+    plot: Annotated[str | None, typer.Option(
+        "--plot", help="Draw per-domain bits per byte over steps to this PNG (run directory).")]
+    = None,
+    batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Tokens per batch.")] = 4096,
+    bootstrap: Annotated[int, typer.Option(
+        "--bootstrap", help="Bootstrap resamples for the 95% intervals (0: none).")] = 1000,
+    json_out: Json = False,
+) -> None:
+    """Per-domain loss, perplexity and bits per byte against the start model: the forgetting
+    table."""
+    from cpt_cli import render
+    from cpt_cli.forgetting import evaluate
+
+    def body() -> int:
+        files: dict[str, str] = {}
+        for item in data or []:
+            name, sep, file = item.partition("=")
+            if not sep or not name or not file:
+                raise UsageError(f"--data {item!r}: write it as NAME=FILE, e.g. "
+                                 "--data code=held_out_code.jsonl")
+            files[name] = file
+        if plot is not None:
+            from cpt_cli.plotting import check_available
+            check_available()
+        report = evaluate(path, data=files or None, base=base, batch_tokens=batch_tokens,
+                          bootstrap_samples=bootstrap)
+        if plot is not None:
+            from cpt_cli.plotting import plot_run
+            plot_run(path, report, plot)
+        if json_out:
+            print_json(report)
+        else:
+            render.forgetting(report, Console())
+        worst = report["summary"]["max_forgetting_bpb"]
+        if max_forgetting is not None and worst is not None and worst > max_forgetting:
+            Console(stderr=True).print(
+                f"forgetting budget exceeded: {report['summary']['worst_forgetting_domain']} "
+                f"forgot {worst:.4f} bits per byte > {max_forgetting}", highlight=False)
+            return 1
+        return 0
+
+    code = run_guarded(body)
+    if code:
+        raise typer.Exit(code)

@@ -1,0 +1,38 @@
+"""`cpt mix inspect RECIPE`"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from cpt_cli.cli import mix_app, print_json, run_guarded
+from cpt_cli.cli.options import Json, Overrides, RecipePath
+
+
+@mix_app.command("inspect")
+def inspect_command(
+    recipe: RecipePath,
+    overrides: Overrides = None,
+    samples: Annotated[int, typer.Option(
+        "--samples", help="Render this many packed sequences with document boundaries.")] = 0,
+    num_processes: Annotated[int | None, typer.Option(
+        "--num-processes", help="Plan for this many processes (default: launch.num_processes)."
+    )] = None,
+    json_out: Json = False,
+) -> None:
+    """The mixture plan before any training: tokens, shares, epochs, replay, packing."""
+    from cpt_cli import render
+    from cpt_cli.config import load_recipe
+    from cpt_cli.inspection import inspect_mix
+
+    def body() -> None:
+        loaded = load_recipe(recipe, overrides or [])
+        result = inspect_mix(loaded, samples=samples, num_processes=num_processes)
+        if json_out:
+            print_json(result)
+        else:
+            render.plan(result, Console(), loaded.name)
+
+    run_guarded(body)

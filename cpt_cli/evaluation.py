@@ -1,0 +1,114 @@
+"""The forgetting table: per-domain metrics of a model against its starting model.
+
+For each domain: loss (nats per token), ppl, bpb (bits per UTF-8 byte: comparable across
+tokenizers, the headline), delta_bpb = bpb(now) - bpb(start), with a paired bootstrap 95% interval
+over documents. Target domains (this stage's new sources) report gain = -delta_bpb; retained
+domains (replay and every earlier stage) report forgetting = delta_bpb.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cpt_cli.scoring import DocumentScores, bootstrap_delta_bpb, score_documents
+
+
+@dataclass
+class DomainText:
+    name: str
+    role: str              # "target" or "retained"
+    texts: list[str]
+
+
+def score_domains(model: Any, tokenizer: Any, domains: Sequence[DomainText], *,
+                  batch_tokens: int = 16384, autocast_dtype: Any = None,
+                  max_length: int | None = None) -> dict[str, DocumentScores]:
+    was_training = model.training
+    try:
+        return {d.name: score_documents(model, tokenizer, d.texts, batch_tokens=batch_tokens,
+                                        autocast_dtype=autocast_dtype, max_length=max_length)
+                for d in domains}
+    finally:
+        model.train(was_training)
+
+
+def save_scores(path: Path, scores: dict[str, DocumentScores]) -> None:
+    arrays: dict[str, np.ndarray] = {}
+    for name, s in scores.items():
+        arrays[f"{name}/nll"], arrays[f"{name}/tokens"], arrays[f"{name}/bytes"] = \
+            s.nll, s.tokens, s.bytes
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def load_scores(path: Path) -> dict[str, DocumentScores]:
+    with np.load(path) as data:
+        names = sorted({k.rsplit("/", 1)[0] for k in data.files})
+        return {n: DocumentScores(nll=data[f"{n}/nll"], tokens=data[f"{n}/tokens"],
+                                  bytes=data[f"{n}/bytes"]) for n in names}
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def forgetting_table(now: dict[str, DocumentScores], start: dict[str, DocumentScores] | None,
+                     roles: dict[str, str], *, bootstrap_samples: int = 1000,
+                     peak_forgetting: float | None = None) -> dict[str, Any]:
+    """The report behind `cpt eval --json`: domains (in `roles` order) and a summary."""
+    domains: list[dict[str, Any]] = []
+    for name, role in roles.items():
+        if name not in now:
+            continue
+        m = now[name].totals()
+        row: dict[str, Any] = {"name": name, "role": role, "documents": int(len(now[name].nll)),
+                               "tokens": m.tokens, "bytes": m.bytes, "loss": m.loss,
+                               "ppl": _finite(m.ppl), "bpb": m.bpb}
+        if start is not None and name in start:
+            s = start[name].totals()
+            delta = m.bpb - s.bpb
+            row.update(start_loss=s.loss, start_bpb=s.bpb, delta_bpb=delta,
+                       relative_change=delta / s.bpb if s.bpb else None)
+            if bootstrap_samples > 0 and len(now[name].nll) > 1:
+                lo, hi = bootstrap_delta_bpb(now[name], start[name], samples=bootstrap_samples)
+                row.update(ci_low=lo, ci_high=hi, significant=not (lo <= 0.0 <= hi))
+            else:
+                row.update(ci_low=None, ci_high=None, significant=None)
+            if role == "target":
+                row["gain"] = -delta
+            else:
+                row["forgetting"] = delta
+        domains.append(row)
+    gains = [d["gain"] for d in domains if "gain" in d]
+    forgets = [d["forgetting"] for d in domains if "forgetting" in d]
+    worst = max(forgets) if forgets else None
+    summary = {"mean_gain_bpb": float(np.mean(gains)) if gains else None,
+               "mean_forgetting_bpb": float(np.mean(forgets)) if forgets else None,
+               "max_forgetting_bpb": worst,
+               "worst_forgetting_domain": max((d for d in domains if "forgetting" in d),
+                                              key=lambda d: d["forgetting"])["name"]
+               if forgets else None,
+               "peak_forgetting_bpb": max(x for x in (peak_forgetting, worst) if x is not None)
+               if (peak_forgetting is not None or worst is not None) else None}
+    return {"domains": domains, "summary": summary}
+
+
+def verdict(report: dict[str, Any]) -> str:
+    s = report["summary"]
+    parts = []
+    if s["mean_gain_bpb"] is not None:
+        parts.append(f"mean gain {s['mean_gain_bpb']:+.4f} bpb on target domains")
+    if s["mean_forgetting_bpb"] is not None:
+        parts.append(f"mean forgetting {s['mean_forgetting_bpb']:+.4f} bpb, worst "
+                     f"{s['max_forgetting_bpb']:+.4f} ({s['worst_forgetting_domain']})")
+    if s.get("peak_forgetting_bpb") is not None:
+        parts.append(f"peak forgetting during training {s['peak_forgetting_bpb']:+.4f}")
+    return "; ".join(parts) if parts else "no start model to compare against"

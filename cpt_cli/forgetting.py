@@ -1,0 +1,215 @@
+"""`cpt eval`: the forgetting table of a checkpoint, a final model, or every checkpoint of a run.
+
+Domains come from the lineage in the model's manifest: the last stage's new sources are target
+domains, every other source ever trained on is a retained domain, each scored on its recorded
+held-out texts. The start model's figures are read from the run's cache (`eval/start.npz`,
+written when training began) or computed once from `--base` and cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cpt_cli.errors import UsageError
+from cpt_cli.evaluation import (DomainText, forgetting_table, load_scores, save_scores,
+                                score_domains)
+from cpt_cli.lineage import HELDOUT_DIR, MANIFEST, read_heldout
+from cpt_cli.scoring import DocumentScores
+from cpt_cli.trainer import CHECKPOINTS, complete_checkpoints
+
+
+@dataclass
+class EvalTarget:
+    model_dir: Path
+    step: int | None
+
+
+def _load(path: str | Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise UsageError(f"could not load a causal LM and tokenizer from {path}: {err}") from None
+    return model.to(device).eval(), tokenizer
+
+
+def read_text_file(name: str, file: str) -> list[str]:
+    """Documents of `--data NAME=FILE`: JSONL (`text` field) or plain files, one each (globs)."""
+    import glob as globmod
+
+    paths = sorted(globmod.glob(file, recursive=True)) or []
+    if not paths:
+        raise UsageError(f"--data {name}={file}: no such file")
+    texts: list[str] = []
+    for p in paths:
+        if p.endswith(".jsonl"):
+            with open(p, encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                        texts.append(record["text"])
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise UsageError(f"--data {name}={file}: {p}:{lineno} is not a JSON "
+                                         "object with a 'text' field") from None
+        else:
+            try:
+                texts.append(Path(p).read_text(encoding="utf-8"))
+            except UnicodeDecodeError:
+                raise UsageError(f"--data {name}={file}: {p} is not UTF-8 text") from None
+    return texts
+
+
+def _find_run_dir(model_dir: Path) -> Path:
+    """The run directory of a final/ or checkpoints/step-N folder (or the folder itself)."""
+    if model_dir.parent.name == CHECKPOINTS:
+        return model_dir.parent.parent
+    if (model_dir.parent / MANIFEST).exists() or (model_dir.parent / HELDOUT_DIR).is_dir():
+        return model_dir.parent
+    return model_dir
+
+
+def lineage_domains(model_dir: Path) -> tuple[list[DomainText], dict[str, Any]]:
+    manifest_path = model_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise UsageError(f"{model_dir} has no cpt manifest.json, so its domains are unknown. "
+                         "Pass --data NAME=FILE (repeatable) to evaluate explicit texts.")
+    manifest = json.loads(manifest_path.read_text())
+    last = manifest["stages"][-1]
+    targets = {s["name"] for s in last["sources"] if s["role"] == "new"}
+    run_dir = _find_run_dir(model_dir)
+    domains = []
+    for name in manifest["sources"]:
+        for folder in (model_dir / HELDOUT_DIR, run_dir / HELDOUT_DIR):
+            if (folder / f"{name}.jsonl").is_file():
+                texts = [d["text"] for d in read_heldout(folder / f"{name}.jsonl")]
+                break
+        else:
+            raise UsageError(f"held-out set of domain {name!r} not found next to {model_dir}")
+        domains.append(DomainText(name, "target" if name in targets else "retained", texts))
+    # Targets first, then retained domains, as in every report.
+    domains.sort(key=lambda d: d.role != "target")
+    return domains, manifest
+
+
+def evaluate(path: str | Path, *, data: dict[str, str] | None = None, base: str | None = None,
+             batch_tokens: int = 4096, bootstrap_samples: int = 1000,
+             device: str | None = None) -> dict[str, Any]:
+    """The forgetting report of `path` (see `forgetting_table`), plus `curve` for a run dir."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path} does not exist: pass a final/ folder, a checkpoint, or a run "
+                         "directory")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # On GPU score in bf16 autocast over fp32 weights; log-softmax is taken in fp32 either way.
+    autocast = torch.bfloat16 if dev.type == "cuda" else None
+
+    targets: list[EvalTarget]
+    if (path / "config.json").is_file():
+        targets = [EvalTarget(path, None)]
+    elif (path / CHECKPOINTS).is_dir() or (path / "final").is_dir():
+        targets = [EvalTarget(p, int(p.name.split("-")[1])) for p in complete_checkpoints(path)]
+        if (path / "final").is_dir():
+            targets.append(EvalTarget(path / "final", None))
+        if not targets:
+            raise UsageError(f"{path} is a run directory without checkpoints or final/")
+    else:
+        raise UsageError(f"{path} is neither a model folder (config.json) nor a cpt run "
+                         "directory (checkpoints/, final/)")
+
+    last = targets[-1].model_dir
+    if data:
+        domains = [DomainText(n, "retained", read_text_file(n, f)) for n, f in data.items()]
+        manifest = json.loads((last / MANIFEST).read_text()) if (last / MANIFEST).is_file() \
+            else None
+        if manifest:
+            new = {s["name"] for s in manifest["stages"][-1]["sources"] if s["role"] == "new"}
+            for d in domains:
+                d.role = "target" if d.name in new else "retained"
+    else:
+        domains, manifest = lineage_domains(last)
+    roles = {d.name: d.role for d in domains}
+
+    start_scores = _start_scores(last, domains, base, bool(data), dev, autocast, batch_tokens)
+    curve: list[dict[str, Any]] = []
+    report: dict[str, Any] = {}
+    for target in targets:
+        model, tokenizer = _load(target.model_dir, dev, torch.float32)
+        scores = score_domains(model, tokenizer, domains, batch_tokens=batch_tokens,
+                               autocast_dtype=autocast)
+        del model
+        is_last = target is targets[-1]
+        report = forgetting_table(scores, start_scores, roles,
+                                  bootstrap_samples=bootstrap_samples if is_last else 0)
+        curve.append({"step": target.step, "model": str(target.model_dir),
+                      "domains": {d["name"]: {"bpb": d["bpb"], "delta_bpb": d.get("delta_bpb"),
+                                              "role": d["role"]} for d in report["domains"]}})
+    peak = None
+    for point in curve:
+        for d in point["domains"].values():
+            if d["role"] == "retained" and d["delta_bpb"] is not None:
+                peak = d["delta_bpb"] if peak is None else max(peak, d["delta_bpb"])
+    run_peak = _training_peak(last)
+    if run_peak is not None:
+        peak = run_peak if peak is None else max(peak, run_peak)
+    if peak is not None:
+        worst = report["summary"]["max_forgetting_bpb"]
+        report["summary"]["peak_forgetting_bpb"] = max(peak, worst) if worst is not None else peak
+    report["model"] = str(last)
+    report["start"] = base or (manifest["stages"][-1]["start_model"] if manifest else None)
+    if len(targets) > 1:
+        report["curve"] = curve
+    return report
+
+
+def _training_peak(model_dir: Path) -> float | None:
+    """Peak forgetting seen by the evaluations during training (metrics.jsonl)."""
+    metrics = _find_run_dir(model_dir) / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    peak = None
+    for line in metrics.read_text().splitlines():
+        event = json.loads(line) if line.strip() else {}
+        if event.get("event") != "eval":
+            continue
+        for d in event["domains"].values():
+            if d.get("role") == "retained" and d.get("delta_bpb") is not None:
+                peak = d["delta_bpb"] if peak is None else max(peak, d["delta_bpb"])
+    return peak
+
+
+def _start_scores(model_dir: Path, domains: list[DomainText], base: str | None, explicit: bool,
+                  dev: torch.device, autocast: Any,
+                  batch_tokens: int) -> dict[str, DocumentScores] | None:
+    run_dir = _find_run_dir(model_dir)
+    if base is None and not explicit:
+        for cached in (model_dir / "eval" / "start.npz", run_dir / "eval" / "start.npz"):
+            if cached.is_file():
+                scores = load_scores(cached)
+                if all(d.name in scores and len(scores[d.name]) == len(d.texts)
+                       for d in domains):
+                    return scores
+        return None
+    if base is None:
+        return None
+    key = hashlib.sha256(json.dumps([base, [(d.name, d.texts) for d in domains]]).encode())
+    cache = run_dir / "eval" / f"base-{key.hexdigest()[:16]}.npz"
+    if cache.is_file():
+        return load_scores(cache)
+    model, tokenizer = _load(base, dev, torch.float32)
+    scores = score_domains(model, tokenizer, domains, batch_tokens=batch_tokens,
+                           autocast_dtype=autocast)
+    if run_dir.is_dir() and (run_dir / MANIFEST).exists():
+        try:
+            save_scores(cache, scores)
+        except OSError:
+            pass  # a read-only run directory still evaluates
+    return scores

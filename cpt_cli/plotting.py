@@ -1,0 +1,63 @@
+"""`cpt eval RUN --plot FILE.png`: per-domain bits per byte over training steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from cpt_cli.errors import UsageError
+
+
+def check_available() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install 'cpt[plot]' (or matplotlib)"
+                         ) from None
+
+
+def _curves(path: Path, report: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
+    """bpb per domain per step: training-time evaluations (metrics.jsonl), else checkpoints."""
+    run_dir = path if (path / "metrics.jsonl").is_file() else path.parent
+    curves: dict[str, list[tuple[int, float]]] = {}
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            event = json.loads(line) if line.strip() else {}
+            if event.get("event") == "eval":
+                for name, d in event["domains"].items():
+                    curves.setdefault(name, []).append((event["step"], d["bpb"]))
+    if not curves:
+        for point in report.get("curve", []):
+            if point["step"] is not None:
+                for name, d in point["domains"].items():
+                    curves.setdefault(name, []).append((point["step"], d["bpb"]))
+    return curves
+
+
+def plot_run(path: str | Path, report: dict[str, Any], out: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = _curves(Path(path), report)
+    if not curves:
+        raise UsageError(f"--plot: {path} has no evaluations over steps (pass a run directory "
+                         "trained with eval.every_steps or with checkpoints)")
+    roles = {d["name"]: d["role"] for d in report["domains"]}
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, points in curves.items():
+        points = sorted(dict(points).items())
+        style = "-" if roles.get(name) == "target" else "--"
+        ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", markersize=3,
+                label=f"{name} ({roles.get(name, '?')})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per byte (held out)")
+    ax.set_title("per-domain bits per byte: target (solid) vs retained (dashed)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(str(out), dpi=120)
+    plt.close(fig)

@@ -1,0 +1,103 @@
+"""Rich renderings of cpt's reports: the forgetting table, the mixture plan, a comparison."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from cpt_cli.evaluation import verdict
+
+
+def _num(x: Any, fmt: str = ".4f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def forgetting(report: dict[str, Any], console: Console, title: str | None = None) -> None:
+    table = Table(title=title or f"forgetting table: {report.get('model', '')}",
+                  title_justify="left")
+    for col in ("domain", "role", "tokens", "loss", "ppl", "bpb", "start bpb", "delta bpb",
+                "95% CI", "gain / forgetting"):
+        table.add_column(col, justify="left" if col in ("domain", "role") else "right")
+    for d in report["domains"]:
+        delta = d.get("delta_bpb")
+        significant = d.get("significant")
+        if delta is None:
+            change = Text("-")
+        elif d["role"] == "target":
+            change = Text(f"gain {-delta:+.4f}", style="green" if delta < 0 else "red")
+        else:
+            change = Text(f"forgot {delta:+.4f}", style="red" if delta > 0 else "green")
+        if significant is False:
+            change.stylize("dim")
+            change.append(" (n.s.)")
+        ci = "-" if d.get("ci_low") is None else f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
+        table.add_row(d["name"], d["role"], f"{d['tokens']:,}", _num(d["loss"]),
+                      _num(d.get("ppl"), ".2f"), _num(d["bpb"]), _num(d.get("start_bpb")),
+                      _num(delta, "+.4f"), ci, change)
+    console.print(table)
+    console.print(verdict(report), highlight=False)
+
+
+def plan(result: dict[str, Any], console: Console, name: str) -> None:
+    table = Table(title=f"mixture plan: {name}", title_justify="left")
+    for col in ("source", "role", "documents", "tokens avail.", "held out", "weight",
+                "planned tokens", "share req.", "share planned", "first 1000", "epochs"):
+        table.add_column(col, justify="left" if col in ("source", "role") else "right")
+    for s in result["sources"]:
+        role = s["role"] + (" (inherited)" if s.get("inherited") else "")
+        epochs = Text(f"{s['epochs']:.2f}", style="yellow" if s["epochs"] > 4 else "")
+        table.add_row(s["name"], role, f"{s['documents']:,}", f"{s['tokens_available']:,}",
+                      f"{s['holdout_tokens']:,}", f"{s['weight']:g}", f"{s['tokens_planned']:,}",
+                      f"{s['share_requested']:.2%}", f"{s['share_planned']:.2%}",
+                      f"{s['share_achieved_first_1000']:.2%}", epochs)
+    console.print(table)
+    p = result["packing"]
+    console.print(f"total {result['total_tokens']:,} tokens in {result['sequences']:,} sequences "
+                  f"of {result['seq_len']} ({result['steps']:,} steps of "
+                  f"{result['global_batch_sequences']} sequences); replay share "
+                  f"{result['replay_share']:.2%}; packing {p['mode']}: padding "
+                  f"{p['padding_fraction']:.2%}, dropped tokens {p['dropped_tokens']:,}",
+                  highlight=False)
+    if result.get("retained_only_domains"):
+        console.print("evaluated but not trained (lineage): " +
+                      ", ".join(result["retained_only_domains"]), highlight=False)
+    for w in result.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+    for sample in result.get("samples", []):
+        console.rule(f"sequence {sample['index']} from {sample['source']}")
+        for doc in sample["documents"]:
+            mark = "continued document" if doc["continued"] else "document"
+            console.print(f"[bold cyan]<{mark} at {doc['start']}, {doc['tokens']} tokens>"
+                          "[/bold cyan]")
+            console.print(Text(doc["text"]))
+        if sample.get("padding"):
+            console.print(f"[dim]<{sample['padding']} padding tokens>[/dim]")
+
+
+def comparison(reports: dict[str, dict[str, Any]], console: Console) -> None:
+    """Domain by domain, several runs' delta bpb against their start (the quickstart ending)."""
+    names: list[str] = []
+    for report in reports.values():
+        for d in report["domains"]:
+            if d["name"] not in names:
+                names.append(d["name"])
+    table = Table(title="delta bits per byte vs the start model (lower is better)",
+                  title_justify="left")
+    table.add_column("domain")
+    table.add_column("role")
+    for run in reports:
+        table.add_column(run, justify="right")
+    for name in names:
+        role = next(d["role"] for r in reports.values() for d in r["domains"] if d["name"] == name)
+        cells = []
+        for report in reports.values():
+            d = next((d for d in report["domains"] if d["name"] == name), None)
+            cells.append("-" if d is None or d.get("delta_bpb") is None
+                         else f"{d['delta_bpb']:+.4f}")
+        table.add_row(name, role, *cells)
+    for key, label in (("mean_gain_bpb", "mean gain"), ("mean_forgetting_bpb", "mean forgetting")):
+        table.add_row(label, "", *[_num(r["summary"][key], "+.4f") for r in reports.values()])
+    console.print(table)

@@ -1,0 +1,46 @@
+"""Learning-rate schedules for continued pre-training, as multipliers of the peak rate.
+
+Every schedule warms up linearly from 0 (a new stage re-warms: Ibrahim et al. 2024 and Gupta et
+al. 2023 found re-warming plus re-decaying recovers the best loss on new data). `wsd` holds the
+peak after warmup and decays over the final `decay` fraction, so a later stage can branch from
+its last pre-decay checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+
+from cpt_cli.config import ScheduleConfig
+
+
+def warmup_steps(config: ScheduleConfig, total_steps: int) -> int:
+    return int(round(config.warmup * total_steps)) if config.warmup < 1 else int(config.warmup)
+
+
+def decay_start(config: ScheduleConfig, total_steps: int) -> int:
+    """First step of the wsd cooldown (total_steps when there is none)."""
+    if config.name != "wsd":
+        return total_steps
+    decay = int(round(config.decay * total_steps)) if config.decay < 1 else int(config.decay)
+    return max(warmup_steps(config, total_steps), total_steps - decay)
+
+
+def lr_multiplier(config: ScheduleConfig, step: int, total_steps: int) -> float:
+    """Multiplier for the update made at `step` (0-based)."""
+    warm = warmup_steps(config, total_steps)
+    if step < warm:
+        return (step + 1) / (warm + 1)
+    floor = config.min_lr_ratio
+    if config.name == "constant":
+        return 1.0
+    if config.name == "wsd":
+        start = decay_start(config, total_steps)
+        if step < start:
+            return 1.0
+        progress = (step - start + 1) / max(1, total_steps - start)
+        shape = progress if config.decay_shape == "linear" else 1.0 - math.sqrt(1.0 - progress)
+        return 1.0 - (1.0 - floor) * min(1.0, shape)
+    progress = min(1.0, (step - warm + 1) / max(1, total_steps - warm))
+    if config.name == "linear":
+        return 1.0 - (1.0 - floor) * progress
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -1,0 +1,278 @@
+"""Reading documents from a source: local files of several formats, or a Hugging Face dataset.
+
+The first stage of the data flow (source -> tokenize -> plan -> pack -> loader). A source yields
+plain `str` documents; every bad record either raises a `DataError` naming the file and line, or,
+with `on_error: skip`, is skipped and counted in `ReadStats`: never silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cpt_cli.config import SourceConfig
+from cpt_cli.errors import DataError
+
+RECORD_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv", ".arrow"}
+# A plain-text file with a NUL byte in its first 8 KiB is binary (git uses the same rule).
+_BINARY_PROBE = 8192
+
+
+@dataclass
+class ReadStats:
+    """What was read and what was skipped, by reason."""
+
+    documents: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"documents": self.documents, "skipped": dict(self.skipped)}
+
+
+def expand_paths(source: SourceConfig, base_dir: str | Path) -> list[Path]:
+    """The files a `path` source names, sorted; an error when a glob matches nothing."""
+    patterns = [source.path] if isinstance(source.path, str) else list(source.path or [])
+    files: list[Path] = []
+    for pattern in patterns:
+        expanded = os.path.expanduser(pattern)
+        full = expanded if os.path.isabs(expanded) else os.path.join(str(base_dir), expanded)
+        if os.path.isdir(full):
+            matches = sorted(p for p in glob.glob(os.path.join(full, "**", "*"), recursive=True)
+                             if os.path.isfile(p))
+        else:
+            matches = sorted(p for p in glob.glob(full, recursive=True) if os.path.isfile(p))
+        if not matches:
+            raise DataError(f"source {source.name!r}: path {pattern!r} matches no file "
+                            f"(looked for {full}). Check the glob; relative paths start at the "
+                            "recipe's folder.")
+        files.extend(Path(m) for m in matches)
+    return sorted(set(files))
+
+
+def _text_of(source: SourceConfig, record: Any, where: str) -> str:
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if source.template is not None:
+        try:
+            return source.template.format_map(record)
+        except KeyError as err:
+            raise ValueError(f"{where}: template field {err} is missing; the record has "
+                             f"{', '.join(sorted(record)) or 'no fields'}") from None
+    if source.text_field not in record:
+        raise ValueError(f"{where}: field {source.text_field!r} is missing; the record has "
+                         f"{', '.join(sorted(map(str, record))) or 'no fields'}. Set text_field "
+                         "or template for this source.")
+    text = record[source.text_field]
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: field {source.text_field!r} holds a {type(text).__name__}, "
+                         "not text")
+    return text
+
+
+def _records_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            where = f"{path}:{lineno}"
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield where, ValueError(f"{where}: not valid UTF-8 ({err.reason} at byte "
+                                        f"{err.start})")
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as err:
+                yield where, ValueError(f"{where}: invalid JSON ({err.msg}, column {err.colno})")
+
+
+def _records_json(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: not a valid UTF-8 JSON file ({err}). A .json source holds a "
+                        "list of records; use .jsonl for one record per line.") from None
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: expected a list of records (or an object holding one list)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a list of records")
+    for i, record in enumerate(data):
+        yield f"{path}[{i}]", record
+
+
+def _records_csv(path: Path) -> Iterator[tuple[str, Any]]:
+    with open(path, newline="", encoding="utf-8", errors="strict") as fh:
+        reader = csv.DictReader(fh)
+        try:
+            for row in reader:
+                yield f"{path}:{reader.line_num}", row
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not valid UTF-8 near line {reader.line_num} "
+                            f"({err.reason})") from None
+
+
+def _records_arrow_table(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.suffix == ".parquet":
+        try:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        except Exception as err:  # noqa: BLE001 - pyarrow raises many kinds
+            raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+    else:
+        # datasets writes Arrow *stream* files; plain Arrow IPC files are accepted too.
+        try:
+            reader: Any = pa.ipc.open_stream(pa.memory_map(str(path)))
+        except pa.ArrowInvalid:
+            try:
+                reader = pa.ipc.open_file(pa.memory_map(str(path)))
+            except pa.ArrowInvalid as err:
+                raise DataError(f"{path}: not an Arrow file ({err})") from None
+        batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) \
+            if hasattr(reader, "num_record_batches") else iter(reader)
+    row = 0
+    for batch in batches:
+        for record in batch.to_pylist():
+            yield f"{path} row {row}", record
+            row += 1
+
+
+def _records_plain(path: Path) -> Iterator[tuple[str, Any]]:
+    raw = path.read_bytes()
+    if b"\x00" in raw[:_BINARY_PROBE]:
+        yield str(path), ValueError(f"{path}: binary file (NUL bytes) inside a text source; "
+                                    "narrow the glob or set on_error: skip")
+        return
+    try:
+        yield str(path), {"text": raw.decode("utf-8")}
+    except UnicodeDecodeError as err:
+        yield str(path), ValueError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})")
+
+
+def _file_records(path: Path) -> Iterator[tuple[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _records_jsonl(path)
+    if suffix == ".json":
+        return _records_json(path)
+    if suffix == ".csv":
+        return _records_csv(path)
+    if suffix in (".parquet", ".arrow"):
+        return _records_arrow_table(path)
+    return _records_plain(path)
+
+
+def _hf_records(source: SourceConfig, base_dir: str | Path) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    spec = source.hf
+    assert spec is not None
+    path = spec.path
+    local = Path(base_dir) / path if not os.path.isabs(path) else Path(path)
+    if local.exists():
+        path = str(local)
+    try:
+        ds = datasets.load_dataset(path, spec.name, split=spec.split, revision=spec.revision,
+                                   data_files=spec.data_files, streaming=spec.streaming)
+    except Exception as err:  # noqa: BLE001 - datasets raises many kinds, all user-facing here
+        offline = " (HF_HUB_OFFLINE is set: only local or cached datasets load)" \
+            if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        raise DataError(f"source {source.name!r}: could not load Hugging Face dataset "
+                        f"{spec.path!r}{offline}: {type(err).__name__}: {err}") from None
+    for i, record in enumerate(ds):
+        if spec.max_documents is not None and i >= spec.max_documents:
+            break
+        yield f"{spec.path}[{spec.split}][{i}]", record
+
+
+def read_documents(source: SourceConfig, base_dir: str | Path,
+                   stats: ReadStats | None = None) -> Iterator[str]:
+    """Every document of `source` in a fixed order, as text, filtered by `min_chars`."""
+    stats = stats if stats is not None else ReadStats()
+    if source.hf is not None:
+        streams = [_hf_records(source, base_dir)]
+    else:
+        streams = [_file_records(p) for p in expand_paths(source, base_dir)]
+    for records in streams:
+        for where, record in records:
+            try:
+                if isinstance(record, Exception):
+                    raise record
+                text = _text_of(source, record, where)
+            except ValueError as err:
+                if source.on_error == "skip":
+                    stats.skipped[_reason(str(err))] += 1
+                    continue
+                raise DataError(f"source {source.name!r}: {err}. To skip bad records instead, "
+                                f"set on_error: skip on this source.") from None
+            if len(text) < max(source.min_chars, 1) or not text.strip():
+                stats.skipped["empty" if not text.strip() else "shorter than min_chars"] += 1
+                continue
+            stats.documents += 1
+            yield text
+
+
+def _reason(message: str) -> str:
+    for reason in ("invalid JSON", "not valid UTF-8", "binary file", "is missing",
+                   "expected a JSON object", "not text"):
+        if reason in message:
+            return reason
+    return "bad record"
+
+
+def fingerprint_source(source: SourceConfig, base_dir: str | Path, memo_dir: Path | None) -> str:
+    """A hash of what the source reads: file contents (memoized by size and mtime) or the
+    dataset spec (pin `hf.revision` to make a Hub source's fingerprint mean its content)."""
+    h = hashlib.sha256()
+    if source.hf is not None:
+        h.update(json.dumps(dataclasses.asdict(source.hf), sort_keys=True).encode())
+        local = Path(base_dir) / source.hf.path
+        if local.is_dir():
+            for p in sorted(q for q in local.rglob("*") if q.is_file()):
+                h.update(str(p.relative_to(local)).encode())
+                h.update(_file_digest(p, memo_dir).encode())
+        return h.hexdigest()
+    for p in expand_paths(source, base_dir):
+        h.update(p.name.encode())
+        h.update(_file_digest(p, memo_dir).encode())
+    return h.hexdigest()
+
+
+def _file_digest(path: Path, memo_dir: Path | None) -> str:
+    """sha256 of a file's bytes; remembered by (path, size, mtime) so a 100 GB corpus is hashed
+    once, not on every run."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    memo = memo_dir / "digests" / key[:2] / key if memo_dir is not None else None
+    if memo is not None and memo.exists():
+        return memo.read_text()
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if memo is not None:
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(digest)
+            os.replace(tmp, memo)
+        except OSError:
+            pass  # the memo only saves time; a read-only cache still works
+    return digest

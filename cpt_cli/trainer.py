@@ -1,0 +1,665 @@
+"""The training loop: plain PyTorch on accelerate, in one module.
+
+    cpt train recipes/quickstart/cpt.yaml                  # one process (CPU or one GPU)
+    accelerate launch -m cpt_cli train RECIPE              # any accelerate setup (FSDP, DeepSpeed)
+
+`train(recipe)` = setup (data, model, optimizer, run directory), evaluate the starting model, then
+per step: micro batches with gradient accumulation, clip, step, schedule; every `eval.every_steps`
+the per-domain held-out evaluation (forgetting curves in metrics.jsonl); every
+`checkpoint.every_steps` an atomic checkpoint that resumes bit for bit; at the end `final/` and the
+forgetting table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cpt_cli.config import Recipe, save_recipe
+from cpt_cli.errors import TrainingStopped, UsageError
+from cpt_cli.evaluation import (DomainText, forgetting_table, load_scores, save_scores,
+                                score_domains)
+from cpt_cli.lineage import (FORMAT, HELDOUT_DIR, MANIFEST, copy_heldout, environment,
+                             read_heldout, write_heldout, write_json)
+from cpt_cli.loader import PackedLoader
+from cpt_cli.modeling import check_model_path, load_model, max_context
+from cpt_cli.prepare import PreparedData, batch_geometry, model_location, plan_data, prepare_data
+from cpt_cli.schedule import decay_start, lr_multiplier
+
+CHECKPOINTS = "checkpoints"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_dir: Path | None
+    report: dict[str, Any]
+    steps: int
+    stopped: str | None = None
+
+
+@dataclass
+class RunState:
+    """What a checkpoint stores besides weights and optimizer: enough to continue exactly."""
+
+    step: int = 0
+    bad_steps: int = 0
+    peak_forgetting: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_dir_for(recipe: Recipe, output_dir: str | None) -> Path:
+    if output_dir:
+        return Path(output_dir)
+    if recipe.output_dir:
+        return Path(recipe.output_dir) if Path(recipe.output_dir).is_absolute() else \
+            Path(recipe.base_dir) / recipe.output_dir
+    return Path("runs") / recipe.name
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints in step order. A checkpoint is written under a temporary name and renamed
+    when complete, so every `step-N` folder is whole."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := STEP_DIR.match(p.name)) and (p / "trainer_state.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+class _Signals:
+    """SIGTERM/SIGINT: finish the step, checkpoint, exit. A second signal exits at once; the
+    checkpoint being written is under a temporary name, so nothing complete is ever damaged."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (a notebook, say): leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            os._exit(128 + signum)
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _param_groups(model: torch.nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
+    """No weight decay on norms, biases and embeddings (1-D or embedding tables)."""
+    o = recipe.train.optimizer
+    freeze = [re.compile(p) for p in recipe.train.freeze]
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if any(p.search(name) for p in freeze):
+            param.requires_grad_(False)
+            continue
+        if not param.requires_grad:
+            continue
+        is_embedding = id(param) in embeddings
+        decay = param.ndim >= 2 and not is_embedding
+        groups.setdefault((decay, is_embedding), []).append(param)
+    return [{"params": params, "weight_decay": o.weight_decay if decay else 0.0,
+             "lr_scale": o.embedding_lr_scale if emb else 1.0}
+            for (decay, emb), params in groups.items()]
+
+
+def _precision(recipe: Recipe, cuda: bool) -> str:
+    p = recipe.train.precision
+    if p == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    if p == "fp32" or not cuda:
+        return "no"  # CPU trains in fp32: bf16 autocast there is slower and less exact
+    return p
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(
+        np.frombuffer(json.dumps(np.random.get_state(legacy=False), default=_np_default).encode(),
+                      dtype=np.uint8).copy()),
+             "python": torch.tensor(list(json.dumps(random.getstate()).encode()),
+                                    dtype=torch.uint8)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _np_default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.integer):
+        return int(obj)
+    raise TypeError(type(obj))
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = json.loads(bytes(state["numpy"].numpy()).decode())
+    np_state["state"] = {k: (np.uint64(v) if not isinstance(v, list) else v)
+                         for k, v in np_state["state"].items()}
+    np.random.set_state(np_state)
+    py = json.loads(bytes(state["python"].tolist()).decode())
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class MetricsLog:
+    """metrics.jsonl, one JSON object per event, flushed at once (a kill loses nothing)."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
+        self.path, self.enabled = path, enabled
+        if enabled and resume_step is not None and path.exists():
+            # Events after the checkpoint we resume from will happen again: drop them.
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(f"{line}\n" for line in kept))
+        self.fh = open(path, "a") if enabled else None  # noqa: SIM115 - closed in close()
+
+    def write(self, event: dict[str, Any]) -> None:
+        if self.fh is not None:
+            self.fh.write(json.dumps(event) + "\n")
+            self.fh.flush()
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+
+
+def train(recipe: Recipe, *, output_dir: str | None = None, resume: str | None = None,
+          overwrite: bool = False, console: Any = None,
+          on_event: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Train one stage. `resume`: None (refuse an existing run dir), "auto", "never" or a
+    checkpoint path. Returns the run directory and the final forgetting report."""
+    from accelerate import Accelerator
+
+    from cpt_cli.display import TrainDisplay
+
+    problems = check_model_path(recipe)
+    if problems:
+        raise UsageError("the recipe's model cannot be used:", problems)
+    run_dir = run_dir_for(recipe, output_dir)
+    resume_from = _resume_point(run_dir, resume, overwrite)
+
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=_precision(recipe, cuda),
+                              log_with=_trackers(recipe) or None,
+                              project_dir=str(run_dir))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
+        raise UsageError("launched as several processes but accelerate sees one: each would "
+                         "train alone into the same run directory. Launch with `cpt train "
+                         "--num-processes N` or `accelerate launch --multi_gpu ...`.")
+    P, rank, main = accelerator.num_processes, accelerator.process_index, \
+        accelerator.is_main_process
+    display = TrainDisplay(console=console, enabled=main)
+
+    with accelerator.main_process_first():  # rank 0 fills the cache; the others then read it
+        data = prepare_data(recipe, progress=display.data_progress)
+        data = plan_data(recipe, data, P)
+    display.data_done()
+    _, accum, steps = batch_geometry(recipe, P)
+    context = None
+
+    model = load_model(recipe, data.tokenizer)
+    context = max_context(model)
+    if context is not None and recipe.data.seq_len > context:
+        raise UsageError(f"data.seq_len: {recipe.data.seq_len} is above the model's context of "
+                         f"{context} tokens; lower data.seq_len to at most {context}")
+    _check_document_masking(recipe, model)
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if recipe.train.compile:
+        for layer in _decoder_layers(model):
+            layer.compile()
+
+    # Nothing is written before here: a bad recipe or bad data leaves no trace.
+    if main:
+        if overwrite and run_dir.exists() and resume_from is None:
+            shutil.rmtree(run_dir)
+        (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, run_dir / "recipe.yaml")
+        _write_heldout(run_dir, data)
+    accelerator.wait_for_everyone()
+
+    groups = _param_groups(model, recipe)
+    o = recipe.train.optimizer
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                  fused=True if cuda else None)
+    if o.load_from_parent and resume_from is None:
+        _load_parent_optimizer(recipe, optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # The scheduler is stepped by hand: accelerate's wrapper would step it once per process.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [lambda s, g=g: lr_multiplier(recipe.train.schedule, s, steps) *
+                    g["lr_scale"] for g in optimizer.param_groups])
+
+    state = RunState()
+    if resume_from is not None:
+        state = _load_checkpoint(resume_from, accelerator, model, optimizer, scheduler, data)
+    loader = PackedLoader(data.plan, data.streams, micro_batch_size=recipe.train.micro_batch_size,
+                          grad_accum=accum, num_processes=P, rank=rank,
+                          document_masking=not recipe.data.cross_document_attention)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", main,
+                         state.step if resume_from is not None else None)
+    if resume_from is None and main:
+        metrics.path.write_text("")
+    if accelerator.trackers:
+        accelerator.init_trackers(recipe.name)
+
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        accelerator.mixed_precision)
+    domains = [DomainText(d.name, d.role, d.texts) for d in data.eval_domains]
+    roles = {d.name: d.role for d in domains}
+
+    def evaluate() -> dict[str, Any]:
+        scores = score_domains(model, data.tokenizer, domains,
+                               batch_tokens=recipe.eval.batch_tokens,
+                               autocast_dtype=autocast_dtype, max_length=context)
+        return scores
+
+    start_path = run_dir / "eval" / "start.npz"
+    if start_path.exists():
+        start_scores = load_scores(start_path)
+    else:
+        display.status("evaluating the starting model on every domain")
+        start_scores = evaluate()
+        if main:
+            save_scores(start_path, start_scores)
+            start_report = forgetting_table(start_scores, None, roles, bootstrap_samples=0)
+            metrics.write({"event": "eval", "step": 0, "tokens": 0,
+                           "domains": {d["name"]: {"loss": d["loss"], "bpb": d["bpb"],
+                                                   "role": d["role"]}
+                                       for d in start_report["domains"]}})
+
+    label_tokens_concat = loader.global_batch * (recipe.data.seq_len - 1)
+    wsd_branch = decay_start(recipe.train.schedule, steps) \
+        if recipe.train.schedule.name == "wsd" else None
+    L = recipe.data.seq_len
+    device = accelerator.device
+    stopped: str | None = None
+    display.start_training(steps, state.step, loader.global_batch * L)
+    last_log_time, last_log_step = time.perf_counter(), state.step
+    model.train()
+    with _Signals() as signals:
+        for step, micro_batches in loader.iter_steps(state.step):
+            n_targets = label_tokens_concat if recipe.data.packing == "concat" else \
+                loader.step_label_tokens(step)
+            # HF's loss divides the summed token losses by num_items_in_batch; DDP then averages
+            # over the P processes, so scale by P to get the exact global mean.
+            num_items = torch.tensor(n_targets / P, device=device)
+            step_loss = torch.zeros((), device=device)
+            for a, mb in enumerate(micro_batches):
+                sync = a == len(micro_batches) - 1
+                ctx = accelerator.no_sync(model) if not sync else _null()
+                with ctx:
+                    out = model(input_ids=mb.input_ids.to(device, non_blocking=True),
+                                position_ids=mb.position_ids.to(device, non_blocking=True),
+                                labels=mb.labels.to(device, non_blocking=True),
+                                num_items_in_batch=num_items, use_cache=False)
+                    accelerator.backward(out.loss)
+                step_loss += out.loss.detach()
+            # One host sync per step: a NaN must stop the update before it lands.
+            global_loss = accelerator.reduce(step_loss, reduction="sum") / P
+            loss_value = float(global_loss)
+            if not math.isfinite(loss_value):
+                optimizer.zero_grad(set_to_none=True)
+                state.bad_steps += 1
+                if state.bad_steps > recipe.train.max_bad_steps:
+                    last = complete_checkpoints(run_dir)
+                    raise TrainingStopped(
+                        f"the loss is {loss_value} at step {step + 1}: training stopped before "
+                        f"the update. Last good checkpoint: {last[-1] if last else 'none'}. "
+                        "Lower train.optimizer.lr, check the data, or allow a few bad batches "
+                        "with train.max_bad_steps.", exit_code=1)
+                continue
+            grad_norm = None
+            if recipe.train.grad_clip is not None:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(),
+                                                        recipe.train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step = step + 1
+            tokens_done = state.step * loader.global_batch * L
+
+            if state.step % recipe.train.log_every_steps == 0 or state.step == steps:
+                now = time.perf_counter()
+                tps = (state.step - last_log_step) * loader.global_batch * L / max(
+                    now - last_log_time, 1e-9)
+                last_log_time, last_log_step = now, state.step
+                event = {"event": "train", "step": state.step, "tokens": tokens_done,
+                         "loss": loss_value, "lr": scheduler.get_last_lr()[0] /
+                         optimizer.param_groups[0]["lr_scale"], "tokens_per_s": tps,
+                         "grad_norm": float(grad_norm) if grad_norm is not None else None}
+                metrics.write(event)
+                if accelerator.trackers:
+                    accelerator.log({k: v for k, v in event.items() if k != "event"},
+                                    step=state.step)
+                display.train_line(event)
+
+            over_budget = None
+            if recipe.eval.every_steps and state.step % recipe.eval.every_steps == 0 and \
+                    state.step != steps:
+                report = forgetting_table(evaluate(), start_scores, roles, bootstrap_samples=0)
+                event = {"event": "eval", "step": state.step, "tokens": tokens_done,
+                         "domains": {d["name"]: {k: d.get(k) for k in
+                                                 ("role", "loss", "bpb", "delta_bpb")}
+                                     for d in report["domains"]}}
+                metrics.write(event)
+                display.eval_line(event)
+                worst = report["summary"]["max_forgetting_bpb"]
+                if worst is not None:
+                    state.peak_forgetting = max(worst, state.peak_forgetting or worst)
+                budget = recipe.eval.max_forgetting_bpb
+                if budget is not None and worst is not None and worst > budget:
+                    over_budget = (report["summary"]["worst_forgetting_domain"], worst)
+
+            every = recipe.train.checkpoint.every_steps
+            want_ckpt = (every and state.step % every == 0) or over_budget or \
+                signals.received or state.step == wsd_branch
+            if want_ckpt and state.step != steps:
+                _save_checkpoint(run_dir, state, accelerator, model, optimizer, scheduler, data,
+                                 recipe, keep_forever=state.step == wsd_branch)
+            if over_budget:
+                stopped = (f"domain {over_budget[0]!r} forgot {over_budget[1]:.4f} bits per byte "
+                           f"at step {state.step}, above eval.max_forgetting_bpb "
+                           f"{recipe.eval.max_forgetting_bpb}; checkpoint saved in "
+                           f"{run_dir / CHECKPOINTS}")
+                break
+            if signals.received and state.step != steps:
+                stopped = (f"received {signals.received} at step {state.step}: checkpoint saved."
+                           f" Resume with: cpt train <recipe> --resume auto --output-dir "
+                           f"{run_dir}")
+                break
+    display.stop()
+
+    final_dir = None
+    if stopped is None:
+        final_dir = _save_final(run_dir, state, accelerator, model, data, recipe, steps)
+    final_scores = evaluate()
+    report = forgetting_table(final_scores, start_scores, roles,
+                              bootstrap_samples=recipe.eval.bootstrap_samples,
+                              peak_forgetting=state.peak_forgetting)
+    report.update(model=str(final_dir or run_dir), start=_start_name(recipe))
+    if main:
+        metrics.write({"event": "eval", "step": state.step,
+                       "tokens": state.step * loader.global_batch * L,
+                       "domains": {d["name"]: {k: d.get(k) for k in
+                                               ("role", "loss", "bpb", "delta_bpb")}
+                                   for d in report["domains"]}})
+        if final_dir is not None:
+            save_scores(final_dir / "eval" / "start.npz", start_scores)
+            write_json(final_dir / "eval" / "report.json", report)
+    metrics.close()
+    if accelerator.trackers:
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    if stopped is not None:
+        raise TrainingStopped(stopped, exit_code=1)
+    return TrainResult(run_dir=run_dir, final_dir=final_dir, report=report, steps=state.step)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _trackers(recipe: Recipe) -> list[str]:
+    import importlib.util
+
+    available = []
+    for name in recipe.train.trackers:
+        module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(name, name)
+        if importlib.util.find_spec(module) is not None:
+            available.append(name)
+        else:
+            print(f"cpt: tracker {name!r} is not installed; logging to metrics.jsonl only",
+                  file=sys.stderr)
+    return available
+
+
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) and \
+                type(module[0]).__name__.endswith(("DecoderLayer", "Block")):
+            return list(module)
+    return []
+
+
+def _check_document_masking(recipe: Recipe, model: Any) -> None:
+    if recipe.data.cross_document_attention:
+        return
+    impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    # transformers builds a block-diagonal mask from restarted position_ids for these backends.
+    if impl not in ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"):
+        raise UsageError(
+            f"data.cross_document_attention is false, but the attention backend {impl!r} cannot "
+            "keep attention within documents of a packed sequence. Set model.attn_implementation "
+            "to sdpa, eager, flex_attention or flash_attention_2, or set "
+            "data.cross_document_attention=true.")
+
+
+def _resume_point(run_dir: Path, resume: str | None, overwrite: bool) -> Path | None:
+    if resume not in (None, "auto", "never"):
+        path = Path(resume)
+        if not (path / "trainer_state.json").is_file():
+            raise UsageError(f"--resume {resume}: not a complete cpt checkpoint (no "
+                             "trainer_state.json); pass a checkpoints/step-N folder or 'auto'")
+        return path
+    exists = run_dir.exists() and any(run_dir.iterdir())
+    if resume == "auto":
+        ckpts = complete_checkpoints(run_dir)
+        if ckpts:
+            return ckpts[-1]
+        if (run_dir / "final").exists() and not overwrite:
+            raise UsageError(f"{run_dir} holds a finished run (final/ exists); nothing to "
+                             "resume. Use --overwrite to train it again, or another --output-dir.")
+        return None
+    if exists and not overwrite:
+        raise UsageError(f"{run_dir} already exists. Use --resume auto to continue it, "
+                         "--overwrite to replace it, or --output-dir for a new one.")
+    return None
+
+
+def _write_heldout(run_dir: Path, data: PreparedData) -> None:
+    for d in data.domains:
+        write_heldout(run_dir / HELDOUT_DIR / f"{d.name}.jsonl", d.heldout)
+    if data.lineage is not None:
+        names = {d.name for d in data.domains}
+        for src in data.lineage.sources:
+            if src.name not in names:
+                write_heldout(run_dir / HELDOUT_DIR / f"{src.name}.jsonl",
+                              read_heldout(src.heldout_file))
+
+
+def _unwrapped_state(accelerator: Any, model: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    return accelerator.unwrap_model(model), accelerator.get_state_dict(model)
+
+
+def _save_model(folder: Path, accelerator: Any, model: Any, data: PreparedData) -> None:
+    unwrapped, state_dict = _unwrapped_state(accelerator, model)
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(str(folder), state_dict=state_dict, safe_serialization=True)
+        data.tokenizer.save_pretrained(str(folder))
+
+
+def _save_checkpoint(run_dir: Path, state: RunState, accelerator: Any, model: Any,
+                     optimizer: Any, scheduler: Any, data: PreparedData, recipe: Recipe,
+                     keep_forever: bool = False) -> Path:
+    name = f"step-{state.step:06d}"
+    root = run_dir / CHECKPOINTS
+    tmp = root / f".tmp-{name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    try:
+        _save_model(tmp, accelerator, model, data)
+        torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            write_json(tmp / MANIFEST, _manifest(recipe, data, state.step, accelerator))
+            write_json(tmp / "trainer_state.json", {
+                "step": state.step, "bad_steps": state.bad_steps,
+                "peak_forgetting": state.peak_forgetting, "data": {
+                    "plan": data.plan.fingerprint(), "sequences_consumed":
+                    state.step * data.global_batch},
+                "num_processes": accelerator.num_processes, "keep": keep_forever})
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            os.replace(tmp, root / name)
+            _rotate(root, recipe.train.checkpoint.keep)
+    except OSError as err:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise UsageError(f"could not write checkpoint {root / name}: {err}. Earlier checkpoints "
+                         "are intact; free space or fix permissions, then --resume auto.") from None
+    accelerator.wait_for_everyone()
+    return root / name
+
+
+def _rotate(root: Path, keep: int) -> None:
+    ckpts = [p for p in sorted(root.iterdir()) if STEP_DIR.match(p.name)]
+    kept_forever = {p for p in ckpts if json.loads(
+        (p / "trainer_state.json").read_text()).get("keep")}
+    rotating = [p for p in ckpts if p not in kept_forever]
+    for old in rotating[:-keep]:
+        shutil.rmtree(old)
+
+
+def _load_checkpoint(path: Path, accelerator: Any, model: Any, optimizer: Any, scheduler: Any,
+                     data: PreparedData) -> RunState:
+    from safetensors.torch import load_file
+
+    meta = json.loads((path / "trainer_state.json").read_text())
+    if meta["data"]["plan"] != data.plan.fingerprint():
+        raise UsageError(f"cannot resume from {path}: the data plan changed since it was written "
+                         "(sources, weights, seq_len, budget or batch). Restore the recipe's data "
+                         "section, or start a new stage with model.path pointing at a checkpoint.")
+    if meta["num_processes"] != accelerator.num_processes:
+        raise UsageError(f"cannot resume from {path}: it was written by "
+                         f"{meta['num_processes']} processes, this run has "
+                         f"{accelerator.num_processes}. Resume with the same --num-processes.")
+    unwrapped = accelerator.unwrap_model(model)
+    weights: dict[str, torch.Tensor] = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        weights.update(load_file(str(shard)))
+    missing, unexpected = unwrapped.load_state_dict(weights, strict=False)
+    # Tied weights (lm_head = embed_tokens) are saved once; anything else missing is an error.
+    tied = set(getattr(unwrapped, "_tied_weights_keys", None) or [])
+    if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
+        raise UsageError(f"checkpoint {path} does not match the model "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True,
+                                         map_location="cpu"))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = path / f"rng-{accelerator.process_index}.pt"
+    if rng.exists():
+        _set_rng_state(torch.load(rng, weights_only=True))
+    return RunState(step=meta["step"], bad_steps=meta["bad_steps"],
+                    peak_forgetting=meta["peak_forgetting"])
+
+
+def _load_parent_optimizer(recipe: Recipe, optimizer: torch.optim.Optimizer) -> None:
+    location = model_location(recipe)
+    path = Path(location or "") / "optimizer.pt"
+    if not path.is_file():
+        raise UsageError(f"train.optimizer.load_from_parent: {path} not found; the parent must "
+                         "be a cpt run's final/ (which keeps its optimizer state)")
+    state = torch.load(path, weights_only=True, map_location="cpu")
+    try:
+        optimizer.load_state_dict(state)
+    except ValueError as err:
+        raise UsageError(f"train.optimizer.load_from_parent: the parent's optimizer does not "
+                         f"match this model's parameters ({err})") from None
+    for group in optimizer.param_groups:  # the new stage's learning rate and schedule apply
+        group["lr"] = recipe.train.optimizer.lr
+        group["initial_lr"] = recipe.train.optimizer.lr
+
+
+def _start_name(recipe: Recipe) -> str:
+    return recipe.model.path if recipe.model.path else "init (from scratch)"
+
+
+def _manifest(recipe: Recipe, data: PreparedData, step: int, accelerator: Any) -> dict[str, Any]:
+    assert data.plan is not None
+    parent = data.lineage.manifest if data.lineage is not None else None
+    stages = list(parent["stages"]) if parent else []
+    sources = dict(parent["sources"]) if parent else {}
+    consumed = step * data.global_batch
+    counts = np.bincount(data.plan.source_order()[:consumed], minlength=len(data.domains))
+    stage_sources = []
+    for k, d in enumerate(data.domains):
+        info = {"name": d.name, "role": d.role, "inherited": d.inherited,
+                "weight": d.config.weight,
+                "content_fingerprint": d.entry.meta["content_fingerprint"] if d.entry else None,
+                "documents": len(d.train_docs),
+                "sequences_trained": int(counts[k]),
+                "tokens_trained": int(counts[k]) * recipe.data.seq_len,
+                "heldout": d.heldout_summary()}
+        stage_sources.append(info)
+        if not d.inherited:
+            from cpt_cli.config import to_plain
+
+            sources[d.name] = {"config": to_plain(d.config), "base_dir": str(
+                Path(d.base_dir).resolve()), "heldout": d.heldout_summary(),
+                "stage": len(stages)}
+    stages.append({"name": recipe.name, "start_model": _start_name(recipe),
+                   "steps": step, "tokens": consumed * recipe.data.seq_len,
+                   "seq_len": recipe.data.seq_len, "replay_ratio": recipe.data.replay.ratio,
+                   "schedule": {"name": recipe.train.schedule.name,
+                                "lr": recipe.train.optimizer.lr},
+                   "sources": stage_sources,
+                   "environment": environment(accelerator.num_processes,
+                                              accelerator.device.type)})
+    return {"format": FORMAT, "name": recipe.name, "stages": stages, "sources": sources,
+            "tokenizer_fingerprint": data.tokenizer_fp}
+
+
+def _save_final(run_dir: Path, state: RunState, accelerator: Any, model: Any,
+                data: PreparedData, recipe: Recipe, steps: int) -> Path:
+    final = run_dir / "final"
+    tmp = run_dir / ".tmp-final"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    _save_model(tmp, accelerator, model, data)
+    if accelerator.is_main_process:
+        manifest = _manifest(recipe, data, state.step, accelerator)
+        write_json(tmp / MANIFEST, manifest)
+        write_json(run_dir / MANIFEST, manifest)
+        copy_heldout(run_dir, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
