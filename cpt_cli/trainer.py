@@ -197,8 +197,11 @@ def train(recipe: Recipe, *, output_dir: str | None = None, resume: str | None =
     """Train one stage. `resume`: None (refuse an existing run dir), "auto", "never" or a
     checkpoint path. Returns the run directory and the final forgetting report."""
     from accelerate import Accelerator
+    from transformers.utils import logging as hf_logging
 
     from cpt_cli.display import TrainDisplay
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars would drown the live view
 
     problems = check_model_path(recipe)
     if problems:

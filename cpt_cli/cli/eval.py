@@ -56,7 +56,7 @@ def eval_command(
         if json_out:
             print_json(report)
         else:
-            render.forgetting(report, Console())
+            render.forgetting(report, Console(width=max(120, Console().width)))
         worst = report["summary"]["max_forgetting_bpb"]
         if max_forgetting is not None and worst is not None and worst > max_forgetting:
             Console(stderr=True).print(

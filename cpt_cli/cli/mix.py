@@ -33,6 +33,6 @@ def inspect_command(
         if json_out:
             print_json(result)
         else:
-            render.plan(result, Console(), loaded.name)
+            render.plan(result, Console(width=max(140, Console().width)), loaded.name)
 
     run_guarded(body)

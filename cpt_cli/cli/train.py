@@ -51,7 +51,7 @@ def train(
             print_json({"run_dir": str(result.run_dir), "final": str(result.final_dir),
                         **result.report})
         else:
-            console = Console()
+            console = Console(width=max(120, Console().width))
             render.forgetting(result.report, console,
                               title=f"forgetting table: {loaded.name} ({result.steps} steps)")
             console.print(f"model saved to {result.final_dir}", highlight=False)
