@@ -32,6 +32,9 @@ class EvalTarget:
 
 
 def _load(path: str | Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keeps --json output and logs clean
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
