@@ -1,0 +1,173 @@
+"""`cpt eval`: agreement with an independent computation, lineage domains, curves, plot, budget."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from cpt_cli.cli import app  # noqa: E402
+from cpt_cli.config import load_recipe  # noqa: E402
+from cpt_cli.trainer import train  # noqa: E402
+
+runner = CliRunner()
+
+PROSE = [f"The {a} river runs past the {b} hills, and the people of the valley {c} every "
+         f"morning before the market opens at {n} o'clock."
+         for n, (a, b, c) in enumerate([(a, b, c) for a in ("quiet", "wide", "cold", "slow")
+                                        for b in ("green", "stony", "far", "low")
+                                        for c in ("sing", "fish", "walk", "trade")])]
+CODE = [f"def f{n}(x, y):\n    z = x * {n} + y\n    if z > {n * 3}:\n        return z - {n}\n"
+        f"    return [i for i in range(z)]\n" for n in range(120)]
+
+
+def _write_jsonl(path: Path, texts: list[str]) -> str:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return str(path)
+
+
+def _recipe(tmp: Path, name: str, body: dict) -> Path:
+    base = {"name": name, "seed": 7,
+            "data": {"seq_len": 64, "holdout": {"tokens": 600}, "cache_dir": str(tmp / "cache")},
+            "train": {"steps": 12, "global_batch_size": 8, "micro_batch_size": 4,
+                      "optimizer": {"lr": 3e-3}, "schedule": {"name": "constant", "warmup": 0},
+                      "checkpoint": {"every_steps": 4, "keep": 5}},
+            "eval": {"every_steps": 4, "bootstrap_samples": 200}}
+    for key, value in body.items():
+        if isinstance(value, dict) and key in base:
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_stage(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("eval")
+    prose = _write_jsonl(tmp / "prose.jsonl", PROSE)
+    code = _write_jsonl(tmp / "code.jsonl", CODE)
+    tiny = {"model_type": "llama", "hidden_size": 48, "intermediate_size": 96,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 128}
+    stage1 = _recipe(tmp, "stage1", {
+        "model": {"init": {"config": tiny}, "train_tokenizer": {"vocab_size": 320}},
+        "data": {"sources": [{"name": "prose", "path": prose}]},
+        "train": {"steps": 30}, "eval": {"every_steps": None}})
+    r1 = train(load_recipe(stage1), output_dir=str(tmp / "runs" / "stage1"))
+    stage2 = _recipe(tmp, "stage2", {
+        "model": {"path": str(r1.final_dir)},
+        "data": {"sources": [{"name": "code", "path": code}],
+                 "replay": {"ratio": 0.0, "inherit": False}},
+        "train": {"steps": 12, "optimizer": {"lr": 1e-2}}})
+    r2 = train(load_recipe(stage2), output_dir=str(tmp / "runs" / "stage2"))
+    return {"tmp": tmp, "stage1": r1.final_dir, "run2": r2.run_dir, "final2": r2.final_dir,
+            "prose": Path(prose), "code": Path(code)}
+
+
+def _independent_nll(model_dir: Path, texts: list[str]) -> tuple[float, int, int]:
+    """Plain transformers: one forward per document over [BOS] + tokens, summed NLL."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    nll, tokens, nbytes = 0.0, 0, 0
+    with torch.no_grad():
+        for text in texts:
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            x = torch.tensor([[start] + ids])
+            logp = torch.log_softmax(model(x).logits[0, :-1].float(), dim=-1)
+            nll -= float(logp.gather(1, torch.tensor(ids)[:, None]).sum())
+            tokens += len(ids)
+            nbytes += len(text.encode("utf-8"))
+    return nll, tokens, nbytes
+
+
+def test_eval_data_agrees_with_plain_forward(two_stage: dict[str, Path], tmp_path: Path) -> None:
+    # All shorter than the 128-token context, so one plain forward pass scores each exactly.
+    texts = ["naïve café — ünïcode text, scored on its own.", CODE[3], PROSE[5] + " " + PROSE[6]]
+    data = _write_jsonl(tmp_path / "hidden.jsonl", texts)
+    result = runner.invoke(app, ["eval", str(two_stage["final2"]), "--data", f"hidden={data}",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    (row,) = report["domains"]
+    nll, tokens, nbytes = _independent_nll(two_stage["final2"], texts)
+    assert row["tokens"] == tokens and row["bytes"] == nbytes
+    assert row["loss"] == pytest.approx(nll / tokens, rel=1e-4)
+    assert row["bpb"] == pytest.approx(nll / (nbytes * math.log(2)), rel=1e-4)
+    assert row["ppl"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
+
+
+def test_eval_with_base_fills_start_columns(two_stage: dict[str, Path], tmp_path: Path) -> None:
+    data = _write_jsonl(tmp_path / "p.jsonl", PROSE[:10])
+    result = runner.invoke(app, ["eval", str(two_stage["final2"]), "--data", f"prose={data}",
+                                 "--base", str(two_stage["stage1"]), "--json"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)["domains"]
+    nll0, _, nbytes = _independent_nll(two_stage["stage1"], PROSE[:10])
+    assert row["start_bpb"] == pytest.approx(nll0 / (nbytes * math.log(2)), rel=1e-4)
+    assert row["delta_bpb"] == pytest.approx(row["bpb"] - row["start_bpb"], abs=1e-12)
+    assert {"ci_low", "ci_high", "significant"} <= set(row)
+
+
+def test_lineage_domains_signs_and_keys(two_stage: dict[str, Path]) -> None:
+    result = runner.invoke(app, ["eval", str(two_stage["final2"]), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    roles = {d["name"]: d for d in report["domains"]}
+    assert roles["code"]["role"] == "target" and roles["prose"]["role"] == "retained"
+    # Fine-tuning on code with a high learning rate and no replay: code improves, prose forgets.
+    assert roles["code"]["delta_bpb"] < 0 and roles["code"]["gain"] > 0
+    assert roles["prose"]["delta_bpb"] > 0 and roles["prose"]["forgetting"] > 0
+    for d in report["domains"]:
+        assert {"name", "role", "tokens", "bytes", "loss", "ppl", "bpb", "start_bpb",
+                "delta_bpb", "ci_low", "ci_high", "significant"} <= set(d)
+        assert d["ci_low"] <= d["delta_bpb"] <= d["ci_high"]
+    s = report["summary"]
+    assert s["mean_forgetting_bpb"] == pytest.approx(roles["prose"]["delta_bpb"])
+    assert s["peak_forgetting_bpb"] >= s["max_forgetting_bpb"]
+
+
+def test_budget_sets_exit_status(two_stage: dict[str, Path]) -> None:
+    report = json.loads(runner.invoke(app, ["eval", str(two_stage["final2"]), "--json"]).stdout)
+    worst = report["summary"]["max_forgetting_bpb"]
+    over = runner.invoke(app, ["eval", str(two_stage["final2"]), "--max-forgetting",
+                               str(worst / 2), "--json"])
+    assert over.exit_code == 1
+    under = runner.invoke(app, ["eval", str(two_stage["final2"]), "--max-forgetting",
+                                str(worst * 2 + 1e-3), "--json"])
+    assert under.exit_code == 0
+
+
+def test_run_directory_curves_and_plot(two_stage: dict[str, Path], tmp_path: Path) -> None:
+    png = tmp_path / "curves.png"
+    result = runner.invoke(app, ["eval", str(two_stage["run2"]), "--plot", str(png), "--json",
+                                 "--bootstrap", "0"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    steps = [p["step"] for p in report["curve"]]
+    assert steps[:-1] == sorted(steps[:-1]) and len(steps) >= 2  # checkpoints, then final/
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    # metrics.jsonl carries the forgetting curve the plot draws: prose on every eval line.
+    evals = [json.loads(line) for line in (two_stage["run2"] / "metrics.jsonl").read_text()
+             .splitlines() if '"eval"' in line]
+    assert len(evals) >= 3 and all({"code", "prose"} <= set(e["domains"]) for e in evals)
+
+
+def test_eval_errors_are_clear(tmp_path: Path) -> None:
+    missing = runner.invoke(app, ["eval", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+    bad = runner.invoke(app, ["eval", str(tmp_path), "--data", "oops"])
+    assert bad.exit_code == 2 and "NAME=FILE" in bad.output
+    assert "Traceback" not in missing.output + bad.output
