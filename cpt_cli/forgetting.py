@@ -105,7 +105,9 @@ def lineage_domains(model_dir: Path) -> tuple[list[DomainText], dict[str, Any]]:
 
 def evaluate(path: str | Path, *, data: dict[str, str] | None = None, base: str | None = None,
              batch_tokens: int = 4096, bootstrap_samples: int = 1000,
-             device: str | None = None) -> dict[str, Any]:
+             device: str | None = None, lm_eval_tasks: list[str] | None = None,
+             lm_eval_include: str | None = None,
+             lm_eval_limit: int | None = None) -> dict[str, Any]:
     """The forgetting report of `path` (see `forgetting_table`), plus `curve` for a run dir."""
     path = Path(path)
     if not path.exists():
@@ -168,9 +170,32 @@ def evaluate(path: str | Path, *, data: dict[str, str] | None = None, base: str 
         report["summary"]["peak_forgetting_bpb"] = max(peak, worst) if worst is not None else peak
     report["model"] = str(last)
     report["start"] = base or (manifest["stages"][-1]["start_model"] if manifest else None)
+    if lm_eval_tasks:
+        report["downstream"] = _downstream(last, report["start"], lm_eval_tasks,
+                                           lm_eval_include, lm_eval_limit, dev)
     if len(targets) > 1:
         report["curve"] = curve
     return report
+
+
+def _downstream(model_dir: Path, start: str | None, tasks: list[str], include: str | None,
+                limit: int | None, dev: torch.device) -> list[dict[str, Any]]:
+    """lm-eval tasks on the model and, when it can be loaded, on its start model."""
+    from cpt_cli import downstream
+
+    downstream.check_available()
+    model, tokenizer = _load(model_dir, dev, torch.float32)
+    now = downstream.run_tasks(model, tokenizer, tasks, include_path=include, limit=limit)
+    before = None
+    if start is not None and (Path(start).exists() or not start.startswith((".", "/"))):
+        try:
+            model, tokenizer = _load(start, dev, torch.float32)
+        except UsageError:
+            model = None
+        if model is not None:
+            before = downstream.run_tasks(model, tokenizer, tasks, include_path=include,
+                                          limit=limit)
+    return downstream.compare(now, before)
 
 
 def _training_peak(model_dir: Path) -> float | None:

@@ -38,6 +38,14 @@ def forgetting(report: dict[str, Any], console: Console, title: str | None = Non
                       _num(d.get("ppl"), ".2f"), _num(d["bpb"]), _num(d.get("start_bpb")),
                       _num(delta, "+.4f"), ci, change)
     console.print(table)
+    if report.get("downstream"):
+        tasks = Table(title="downstream tasks (lm-evaluation-harness)", title_justify="left")
+        for col in ("task", "metric", "start", "now", "delta"):
+            tasks.add_column(col, justify="left" if col in ("task", "metric") else "right")
+        for row in report["downstream"]:
+            tasks.add_row(row["task"], row["metric"], _num(row["start"]), _num(row["now"]),
+                          _num(row["delta"], "+.4f"))
+        console.print(tasks)
     console.print(verdict(report), highlight=False)
 
 

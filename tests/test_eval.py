@@ -171,3 +171,26 @@ def test_eval_errors_are_clear(tmp_path: Path) -> None:
     bad = runner.invoke(app, ["eval", str(tmp_path), "--data", "oops"])
     assert bad.exit_code == 2 and "NAME=FILE" in bad.output
     assert "Traceback" not in missing.output + bad.output
+
+
+def test_lm_eval_local_task(two_stage: dict[str, Path], tmp_path: Path) -> None:
+    pytest.importorskip("lm_eval", reason="the lm-eval extra is optional; CI installs it")
+    data = tmp_path / "choice.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"question": "def f(x):\n    return", "choices": [" x", " the hills"], "answer": 0},
+        {"question": "The river runs past the", "choices": [" green", " return"], "answer": 0},
+    ]))
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump({
+        "task": "cpt_local_choice", "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}}, "test_split": "test",
+        "output_type": "multiple_choice", "doc_to_text": "{{question}}",
+        "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}",
+        "metric_list": [{"metric": "acc"}]}))
+    result = runner.invoke(app, ["eval", str(two_stage["final2"]), "--lm-eval",
+                                 "cpt_local_choice", "--lm-eval-include", str(tmp_path),
+                                 "--bootstrap", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["downstream"]
+    acc = next(r for r in rows if r["metric"] == "acc")
+    assert acc["task"] == "cpt_local_choice" and 0.0 <= acc["now"] <= 1.0
+    assert acc["start"] is not None and acc["delta"] == pytest.approx(acc["now"] - acc["start"])

@@ -30,6 +30,13 @@ def eval_command(
     batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Tokens per batch.")] = 4096,
     bootstrap: Annotated[int, typer.Option(
         "--bootstrap", help="Bootstrap resamples for the 95% intervals (0: none).")] = 1000,
+    lm_eval: Annotated[str | None, typer.Option(
+        "--lm-eval", help="Comma-separated lm-evaluation-harness tasks to run beside the "
+                          "per-domain figures, start vs now (needs the lm-eval extra).")] = None,
+    lm_eval_include: Annotated[str | None, typer.Option(
+        "--lm-eval-include", help="Folder of local lm-eval task YAMLs.")] = None,
+    lm_eval_limit: Annotated[int | None, typer.Option(
+        "--lm-eval-limit", help="At most this many examples per task.")] = None,
     json_out: Json = False,
 ) -> None:
     """Per-domain loss, perplexity and bits per byte against the start model: the forgetting
@@ -48,8 +55,13 @@ def eval_command(
         if plot is not None:
             from cpt_cli.plotting import check_available
             check_available()
+        tasks = [t.strip() for t in lm_eval.split(",") if t.strip()] if lm_eval else None
+        if tasks:
+            from cpt_cli.downstream import check_available as lm_eval_available
+            lm_eval_available()
         report = evaluate(path, data=files or None, base=base, batch_tokens=batch_tokens,
-                          bootstrap_samples=bootstrap)
+                          bootstrap_samples=bootstrap, lm_eval_tasks=tasks,
+                          lm_eval_include=lm_eval_include, lm_eval_limit=lm_eval_limit)
         if plot is not None:
             from cpt_cli.plotting import plot_run
             plot_run(path, report, plot)
