@@ -45,16 +45,17 @@ class Domain:
     train_docs: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     heldout: list[dict[str, Any]] = field(default_factory=list)  # {"text", "hash"}
     heldout_recorded: bool = False   # taken from the lineage rather than carved now
+    heldout_tokens: int = 0          # tokens of the held-out documents kept (after dedup)
     dropped_duplicates: int = 0
 
     @property
     def eval_role(self) -> str:
         return "target" if self.role == "new" else "retained"
 
-    def heldout_summary(self, tokenizer_tokens: int | None = None) -> dict[str, Any]:
+    def heldout_summary(self) -> dict[str, Any]:
         return {"file": f"heldout/{self.name}.jsonl", "documents": len(self.heldout),
                 "bytes": int(sum(len(d["text"].encode("utf-8")) for d in self.heldout)),
-                "tokens": tokenizer_tokens, "dropped_duplicates": self.dropped_duplicates,
+                "tokens": self.heldout_tokens, "dropped_duplicates": self.dropped_duplicates,
                 "recorded": self.heldout_recorded}
 
 
@@ -75,6 +76,7 @@ class PreparedData:
     eval_domains: list[EvalDomain]
     lineage: Lineage | None
     cache_dir: Path
+    warnings: list[str] = field(default_factory=list)
     plan: MixturePlan | None = None
     streams: list[Any] = field(default_factory=list)
     steps: int = 0
@@ -153,13 +155,49 @@ def _carve_holdout(domain: Domain, budget: int) -> np.ndarray:
             break
         chosen.append(doc)
         total += doc["tokens"]
-    domain.heldout = [{"text": d["text"], "hash": d["hash"]} for d in chosen]
+    domain.heldout = [{"text": d["text"], "hash": d["hash"], "tokens": d["tokens"]}
+                      for d in chosen]
     return np.asarray([d["index"] for d in chosen], dtype=np.int64)
+
+
+def _count_tokens(tokenizer: PreTrainedTokenizerBase, docs: list[dict[str, Any]]) -> None:
+    """Fill in "tokens" of held-out documents recorded by an earlier stage (maybe with another
+    tokenizer, maybe before cpt recorded counts): the cache's own encoding, so counts agree."""
+    missing = [d for d in docs if "tokens" not in d]
+    if missing:
+        encodings = tokenizer.backend_tokenizer.encode_batch_fast(
+            [d["text"] for d in missing], add_special_tokens=False)
+        for d, e in zip(missing, encodings, strict=True):
+            d["tokens"] = len(e.ids)
+
+
+def _lineage_trained_hashes(lineage: Lineage, skip: set[str], tokenizer: PreTrainedTokenizerBase,
+                            tok_fp: str, cache_dir: Path, warnings: list[str]) -> np.ndarray:
+    """Document hashes of lineage sources not trained in this stage (no inherit, or ratio 0):
+    a new held-out document that an earlier stage trained on must not be scored either. Reads
+    the cache (usually filled by the earlier stage); a source that cannot be read any more is
+    reported, not fatal, since this stage does not train on it."""
+    found: list[np.ndarray] = []
+    for src in lineage.sources:
+        if src.name in skip:
+            continue
+        try:
+            cfg = _lineage_source_config(src.config, src.name)
+            entry = prepare_source(cfg, src.base_dir, tokenizer, tok_fp, cache_dir)
+        except UsageError as err:
+            warnings.append(f"lineage source {src.name!r} could not be read to check held-out "
+                            f"documents against it ({str(err).splitlines()[0]})")
+            continue
+        recorded = np.asarray([h["hash"] for h in read_heldout(src.heldout_file)],
+                              dtype=np.uint64)
+        found.append(entry.hashes[~np.isin(entry.hashes, recorded)])
+    return np.concatenate(found) if found else np.zeros(0, dtype=np.uint64)
 
 
 def prepare_data(recipe: Recipe, *, progress: Progress | None = None,
                  lineage: Lineage | None = None) -> PreparedData:
     """Tokenize every source, carve or reload held-out sets, and drop held-out duplicates."""
+
     cache_dir = cache_dir_for(recipe)
     if lineage is None and recipe.model.path is not None:
         location = model_location(recipe)
@@ -171,6 +209,7 @@ def prepare_data(recipe: Recipe, *, progress: Progress | None = None,
     budget = int(recipe.data.holdout.tokens)
 
     problems: list[str] = []
+    warnings: list[str] = []
     for d in domains:
         def report(docs: int, tokens: int, name: str = d.name) -> None:
             if progress is not None:
@@ -182,6 +221,7 @@ def prepare_data(recipe: Recipe, *, progress: Progress | None = None,
         all_docs = np.arange(entry.num_documents, dtype=np.int64)
         if d.name in recorded:
             d.heldout = read_heldout(recorded[d.name].heldout_file)
+            _count_tokens(tokenizer, d.heldout)
             d.heldout_recorded = True
             held = np.isin(entry.hashes, np.asarray([h["hash"] for h in d.heldout],
                                                     dtype=np.uint64))
@@ -210,10 +250,15 @@ def prepare_data(recipe: Recipe, *, progress: Progress | None = None,
     # A held-out document that is also trained on (in any source) would measure memorization.
     trained = np.concatenate([d.entry.hashes[d.train_docs] for d in domains if d.entry is not None]
                              or [np.zeros(0, dtype=np.uint64)])
+    if lineage is not None:
+        trained = np.concatenate([trained, _lineage_trained_hashes(
+            lineage, {d.name for d in domains}, tokenizer, tok_fp, cache_dir, warnings)])
     for d in domains:
-        keep = [h for h in d.heldout if not np.isin(np.uint64(h["hash"]), trained)]
-        d.dropped_duplicates = len(d.heldout) - len(keep)
-        d.heldout = keep
+        held = np.asarray([h["hash"] for h in d.heldout], dtype=np.uint64)
+        duplicate = np.isin(held, trained)
+        d.heldout = [h for h, dup in zip(d.heldout, duplicate, strict=True) if not dup]
+        d.dropped_duplicates = int(duplicate.sum())
+        d.heldout_tokens = int(sum(h["tokens"] for h in d.heldout))
 
     eval_domains = [EvalDomain(d.name, d.eval_role, [h["text"] for h in d.heldout])
                     for d in domains]
@@ -224,7 +269,8 @@ def prepare_data(recipe: Recipe, *, progress: Progress | None = None,
                      if not np.isin(np.uint64(h["hash"]), trained)]
             eval_domains.append(EvalDomain(src.name, "retained", texts))
     return PreparedData(tokenizer=tokenizer, tokenizer_fp=tok_fp, domains=domains,
-                        eval_domains=eval_domains, lineage=lineage, cache_dir=cache_dir)
+                        eval_domains=eval_domains, lineage=lineage, cache_dir=cache_dir,
+                        warnings=warnings)
 
 
 def batch_geometry(recipe: Recipe, num_processes: int) -> tuple[int, int, int]:
@@ -260,14 +306,18 @@ def plan_data(recipe: Recipe, data: PreparedData, num_processes: int = 1) -> Pre
                                   recipe.seed)
         streams.append(stream)
         lengths = d.entry.lengths()
-        held_tokens = d.entry.num_tokens - int(lengths[d.train_docs].sum())
+        # What this source trains on, exactly: the cache entry and the documents taken from it.
+        content = hashlib.sha256(d.entry.key.encode() + d.train_docs.tobytes()).hexdigest()[:16]
         rows.append(PlanSource(name=d.name, role=d.role, weight=d.config.weight,
                                documents=len(d.train_docs),
                                tokens_available=int((lengths[d.train_docs] + 1).sum()),
-                               holdout_tokens=held_tokens, inherited=d.inherited))
+                               holdout_tokens=d.heldout_tokens, inherited=d.inherited,
+                               content=content))
     limits = [d.config.max_epochs if d.config.max_epochs is not None else recipe.data.max_epochs
               for d in data.domains]
     data.plan = make_plan(rows, [s.sequences_per_epoch for s in streams], steps * global_batch,
-                          recipe.data.replay.ratio, L, recipe.seed, limits)
+                          recipe.data.replay.ratio, L, recipe.seed, limits,
+                          packing=recipe.data.packing, global_batch=global_batch)
+    data.plan.warnings[:0] = data.warnings
     data.streams, data.steps, data.global_batch = streams, steps, global_batch
     return data

@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import glob
+import gzip
 import hashlib
+import io
 import json
 import os
 from collections import Counter
@@ -23,6 +25,8 @@ from cpt_cli.config import SourceConfig
 from cpt_cli.errors import DataError
 
 RECORD_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv", ".arrow"}
+# Files `datasets.Dataset.save_to_disk` writes next to its .arrow shards: metadata, not records.
+_SAVED_DATASET_META = {"state.json", "dataset_info.json", "dataset_dict.json"}
 # A plain-text file with a NUL byte in its first 8 KiB is binary (git uses the same rule).
 _BINARY_PROBE = 8192
 
@@ -50,6 +54,7 @@ def expand_paths(source: SourceConfig, base_dir: str | Path) -> list[Path]:
                              if os.path.isfile(p))
         else:
             matches = sorted(p for p in glob.glob(full, recursive=True) if os.path.isfile(p))
+        matches = [m for m in matches if not _is_saved_dataset_meta(Path(m))]
         if not matches:
             raise DataError(f"source {source.name!r}: path {pattern!r} matches no file "
                             f"(looked for {full}). Check the glob; relative paths start at the "
@@ -58,7 +63,26 @@ def expand_paths(source: SourceConfig, base_dir: str | Path) -> list[Path]:
     return sorted(set(files))
 
 
+def _is_saved_dataset_meta(path: Path) -> bool:
+    """The metadata of a folder written by `save_to_disk`: its .arrow shards hold the records."""
+    return path.name in _SAVED_DATASET_META and (
+        (path.parent / "state.json").is_file() or (path.parent / "dataset_dict.json").is_file())
+
+
+@dataclass(frozen=True)
+class PlainFile:
+    """A plain file read as one document: `text_field` does not apply; a template may use
+    `{text}` and `{path}` (the file's path as found by the glob)."""
+
+    path: str
+    text: str
+
+
 def _text_of(source: SourceConfig, record: Any, where: str) -> str:
+    if isinstance(record, PlainFile):
+        if source.template is None:
+            return record.text
+        record = {"text": record.text, "path": record.path}
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if source.template is not None:
@@ -80,8 +104,13 @@ def _text_of(source: SourceConfig, record: Any, where: str) -> str:
     return text
 
 
+def _open_binary(path: Path) -> Any:
+    """The file's bytes, gunzipped for `.gz` (corpora often ship as .jsonl.gz)."""
+    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
+
+
 def _records_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with open(path, "rb") as fh:
+    with _open_binary(path) as fh:
         for lineno, raw in enumerate(fh, 1):
             where = f"{path}:{lineno}"
             if not raw.strip():
@@ -99,11 +128,19 @@ def _records_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _records_json(path: Path) -> Iterator[tuple[str, Any]]:
+    with _open_binary(path) as fh:
+        raw = fh.read()
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: not a valid UTF-8 JSON file ({err}). A .json source holds a "
-                        "list of records; use .jsonl for one record per line.") from None
+        data = json.loads(raw.decode("utf-8"))
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":
+            # Many corpora name JSON Lines files .json (the Hub's own loader accepts both).
+            yield from _records_jsonl(path)
+            return
+        raise DataError(f"{path}: not a valid JSON file ({err}). A .json source holds a list of "
+                        "records; use .jsonl for one record per line.") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -116,7 +153,8 @@ def _records_json(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _records_csv(path: Path) -> Iterator[tuple[str, Any]]:
-    with open(path, newline="", encoding="utf-8", errors="strict") as fh:
+    with io.TextIOWrapper(_open_binary(path), encoding="utf-8", errors="strict",
+                          newline="") as fh:
         reader = csv.DictReader(fh)
         try:
             for row in reader:
@@ -153,20 +191,26 @@ def _records_arrow_table(path: Path) -> Iterator[tuple[str, Any]]:
             row += 1
 
 
-def _records_plain(path: Path) -> Iterator[tuple[str, Any]]:
-    raw = path.read_bytes()
+def _records_plain(path: Path, shown: str) -> Iterator[tuple[str, Any]]:
+    with _open_binary(path) as fh:
+        raw = fh.read()
     if b"\x00" in raw[:_BINARY_PROBE]:
         yield str(path), ValueError(f"{path}: binary file (NUL bytes) inside a text source; "
                                     "narrow the glob or set on_error: skip")
         return
     try:
-        yield str(path), {"text": raw.decode("utf-8")}
+        yield str(path), PlainFile(shown, raw.decode("utf-8"))
     except UnicodeDecodeError as err:
         yield str(path), ValueError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})")
 
 
-def _file_records(path: Path) -> Iterator[tuple[str, Any]]:
-    suffix = path.suffix.lower()
+def _file_records(path: Path, shown: str) -> Iterator[tuple[str, Any]]:
+    suffixes = [x.lower() for x in path.suffixes]
+    # data.jsonl.gz reads as data.jsonl; the plain-file reader gunzips notes.txt.gz too.
+    suffix = suffixes[-2] if len(suffixes) > 1 and suffixes[-1] == ".gz" else path.suffix.lower()
+    if suffix in (".parquet", ".arrow") and path.suffix.lower() == ".gz":
+        raise DataError(f"{path}: compressed {suffix} files are not read; {suffix} compresses "
+                        "internally, store it uncompressed")
     if suffix == ".jsonl":
         return _records_jsonl(path)
     if suffix == ".json":
@@ -175,7 +219,7 @@ def _file_records(path: Path) -> Iterator[tuple[str, Any]]:
         return _records_csv(path)
     if suffix in (".parquet", ".arrow"):
         return _records_arrow_table(path)
-    return _records_plain(path)
+    return _records_plain(path, shown)
 
 
 def _hf_records(source: SourceConfig, base_dir: str | Path) -> Iterator[tuple[str, Any]]:
@@ -188,8 +232,16 @@ def _hf_records(source: SourceConfig, base_dir: str | Path) -> Iterator[tuple[st
     if local.exists():
         path = str(local)
     try:
-        ds = datasets.load_dataset(path, spec.name, split=spec.split, revision=spec.revision,
-                                   data_files=spec.data_files, streaming=spec.streaming)
+        if local.is_dir() and ((local / "state.json").is_file() or
+                               (local / "dataset_dict.json").is_file()):
+            # A folder written by save_to_disk: load_dataset refuses it, load_from_disk reads it.
+            ds = datasets.load_from_disk(str(local))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[spec.split]
+        else:
+            ds = datasets.load_dataset(path, spec.name, split=spec.split,
+                                       revision=spec.revision, data_files=spec.data_files,
+                                       streaming=spec.streaming)
     except Exception as err:  # noqa: BLE001 - datasets raises many kinds, all user-facing here
         offline = " (HF_HUB_OFFLINE is set: only local or cached datasets load)" \
             if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
@@ -208,7 +260,7 @@ def read_documents(source: SourceConfig, base_dir: str | Path,
     if source.hf is not None:
         streams = [_hf_records(source, base_dir)]
     else:
-        streams = [_file_records(p) for p in expand_paths(source, base_dir)]
+        streams = [_file_records(p, _relative(p, base_dir)) for p in expand_paths(source, base_dir)]
     for records in streams:
         for where, record in records:
             try:
@@ -226,6 +278,15 @@ def read_documents(source: SourceConfig, base_dir: str | Path,
                 continue
             stats.documents += 1
             yield text
+
+
+def _relative(path: Path, base_dir: str | Path) -> str:
+    """The path as the recipe names it (relative to its folder when inside it): what a template's
+    `{path}` shows and what the fingerprint hashes, so moving the whole project keeps the cache."""
+    try:
+        return str(path.resolve().relative_to(Path(base_dir).resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _reason(message: str) -> str:
@@ -249,7 +310,7 @@ def fingerprint_source(source: SourceConfig, base_dir: str | Path, memo_dir: Pat
                 h.update(_file_digest(p, memo_dir).encode())
         return h.hexdigest()
     for p in expand_paths(source, base_dir):
-        h.update(p.name.encode())
+        h.update(_relative(p, base_dir).encode())
         h.update(_file_digest(p, memo_dir).encode())
     return h.hexdigest()
 
