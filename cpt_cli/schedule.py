@@ -4,6 +4,18 @@ Every schedule warms up linearly from 0 (a new stage re-warms: Ibrahim et al. 20
 al. 2023 found re-warming plus re-decaying recovers the best loss on new data). `wsd` holds the
 peak after warmup and decays over the final `decay` fraction, so a later stage can branch from
 its last pre-decay checkpoint.
+
+The multiplier of the update made at step s (0-based) of T, with W warmup steps and floor
+f = min_lr_ratio:
+
+    warmup (s < W)   (s + 1) / (W + 1)                      first update 1/(W+1) of the peak
+    constant         1
+    linear           1 - (1 - f) p,          p = (s - W + 1) / (T - W)
+    cosine           f + (1 - f) (1 + cos(pi p)) / 2
+    wsd              1 before the cooldown start D = T - decay, then 1 - (1 - f) q (linear)
+                     or 1 - (1 - f) sqrt(q) (1-sqrt),     q = (s - D + 1) / (T - D)
+
+so the last update of every decaying schedule uses exactly f times the peak.
 """
 
 from __future__ import annotations
@@ -37,9 +49,11 @@ def lr_multiplier(config: ScheduleConfig, step: int, total_steps: int) -> float:
         start = decay_start(config, total_steps)
         if step < start:
             return 1.0
-        progress = (step - start + 1) / max(1, total_steps - start)
-        shape = progress if config.decay_shape == "linear" else 1.0 - math.sqrt(1.0 - progress)
-        return 1.0 - (1.0 - floor) * min(1.0, shape)
+        progress = min(1.0, (step - start + 1) / max(1, total_steps - start))
+        # 1-sqrt (Hagele et al. 2024): lr = peak * (1 - sqrt(progress)), a steep start and a
+        # flat end; it beat linear cooldowns of the same length in their runs.
+        shape = progress if config.decay_shape == "linear" else math.sqrt(progress)
+        return 1.0 - (1.0 - floor) * shape
     progress = min(1.0, (step - warm + 1) / max(1, total_steps - warm))
     if config.name == "linear":
         return 1.0 - (1.0 - floor) * progress

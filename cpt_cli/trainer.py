@@ -29,12 +29,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from cpt_cli.config import Recipe, save_recipe
+from cpt_cli.config import Recipe, ScheduleConfig, save_recipe
 from cpt_cli.errors import TrainingStopped, UsageError
-from cpt_cli.evaluation import (DomainText, forgetting_table, load_scores, save_scores,
-                                score_domains)
-from cpt_cli.lineage import (FORMAT, HELDOUT_DIR, MANIFEST, copy_heldout, environment,
-                             read_heldout, write_heldout, write_json)
+from cpt_cli.evaluation import DomainText, forgetting_table, load_scores, save_scores, score_domains
+from cpt_cli.lineage import (
+    FORMAT,
+    HELDOUT_DIR,
+    MANIFEST,
+    copy_heldout,
+    environment,
+    read_heldout,
+    write_heldout,
+    write_json,
+)
 from cpt_cli.loader import PackedLoader
 from cpt_cli.modeling import check_model_path, load_model, max_context
 from cpt_cli.prepare import PreparedData, batch_geometry, model_location, plan_data, prepare_data
@@ -109,7 +116,7 @@ class _Signals:
             signal.signal(sig, handler)
 
 
-def _param_groups(model: torch.nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
+def param_groups(model: torch.nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
     """No weight decay on norms, biases and embeddings (1-D or embedding tables)."""
     o = recipe.train.optimizer
     freeze = [re.compile(p) for p in recipe.train.freeze]
@@ -127,6 +134,15 @@ def _param_groups(model: torch.nn.Module, recipe: Recipe) -> list[dict[str, Any]
     return [{"params": params, "weight_decay": o.weight_decay if decay else 0.0,
              "lr_scale": o.embedding_lr_scale if emb else 1.0}
             for (decay, emb), params in groups.items()]
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleConfig,
+                   steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR sets each group's lr to base_lr x lambda(step): the group's `lr_scale` (embeddings)
+    enters here once, and base_lr stays the recipe's peak lr for every group."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [lambda s, scale=g["lr_scale"]: lr_multiplier(schedule, s, steps) * scale
+                    for g in optimizer.param_groups])
 
 
 def _precision(recipe: Recipe, cuda: bool) -> str:
@@ -240,6 +256,13 @@ def train(recipe: Recipe, *, output_dir: str | None = None, resume: str | None =
         for layer in _decoder_layers(model):
             layer.compile()
 
+    groups = param_groups(model, recipe)
+    o = recipe.train.optimizer
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                  fused=True if cuda else None)
+    if o.load_from_parent and resume_from is None:
+        _load_parent_optimizer(recipe, optimizer)
+
     # Nothing is written before here: a bad recipe or bad data leaves no trace.
     if main:
         if overwrite and run_dir.exists() and resume_from is None:
@@ -249,17 +272,9 @@ def train(recipe: Recipe, *, output_dir: str | None = None, resume: str | None =
         _write_heldout(run_dir, data)
     accelerator.wait_for_everyone()
 
-    groups = _param_groups(model, recipe)
-    o = recipe.train.optimizer
-    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                  fused=True if cuda else None)
-    if o.load_from_parent and resume_from is None:
-        _load_parent_optimizer(recipe, optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
     # The scheduler is stepped by hand: accelerate's wrapper would step it once per process.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, [lambda s, g=g: lr_multiplier(recipe.train.schedule, s, steps) *
-                    g["lr_scale"] for g in optimizer.param_groups])
+    scheduler = make_scheduler(optimizer, recipe.train.schedule, steps)
 
     state = RunState()
     if resume_from is not None:
@@ -271,6 +286,11 @@ def train(recipe: Recipe, *, output_dir: str | None = None, resume: str | None =
                          state.step if resume_from is not None else None)
     if resume_from is None and main:
         metrics.path.write_text("")
+
+    def emit(event: dict[str, Any]) -> None:
+        metrics.write(event)
+        if on_event is not None:
+            on_event(event)
     if accelerator.trackers:
         accelerator.init_trackers(recipe.name)
 
@@ -294,7 +314,7 @@ def train(recipe: Recipe, *, output_dir: str | None = None, resume: str | None =
         if main:
             save_scores(start_path, start_scores)
             start_report = forgetting_table(start_scores, None, roles, bootstrap_samples=0)
-            metrics.write({"event": "eval", "step": 0, "tokens": 0,
+            emit({"event": "eval", "step": 0, "tokens": 0,
                            "domains": {d["name"]: {"loss": d["loss"], "bpb": d["bpb"],
                                                    "role": d["role"]}
                                        for d in start_report["domains"]}})
@@ -306,7 +326,7 @@ def train(recipe: Recipe, *, output_dir: str | None = None, resume: str | None =
     device = accelerator.device
     stopped: str | None = None
     display.start_training(steps, state.step, loader.global_batch * L)
-    last_log_time, last_log_step = time.perf_counter(), state.step
+    last_log_time, last_log_step, paused = time.perf_counter(), state.step, 0.0
     model.train()
     with _Signals() as signals:
         for step, micro_batches in loader.iter_steps(state.step):
@@ -344,6 +364,9 @@ def train(recipe: Recipe, *, output_dir: str | None = None, resume: str | None =
             if recipe.train.grad_clip is not None:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(),
                                                         recipe.train.grad_clip)
+            # The lr this update uses (the scheduler then moves on to the next step's); the
+            # first group holds matrices, whose lr_scale is 1.
+            lr_used = scheduler.get_last_lr()[0] / optimizer.param_groups[0]["lr_scale"]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -352,18 +375,20 @@ def train(recipe: Recipe, *, output_dir: str | None = None, resume: str | None =
 
             if state.step % recipe.train.log_every_steps == 0 or state.step == steps:
                 now = time.perf_counter()
+                # Training time only: evaluations and checkpoints since the last line are
+                # excluded (`paused`), so tokens/s measures the step itself.
                 tps = (state.step - last_log_step) * loader.global_batch * L / max(
-                    now - last_log_time, 1e-9)
-                last_log_time, last_log_step = now, state.step
+                    now - last_log_time - paused, 1e-9)
+                last_log_time, last_log_step, paused = now, state.step, 0.0
                 event = {"event": "train", "step": state.step, "tokens": tokens_done,
-                         "loss": loss_value, "lr": scheduler.get_last_lr()[0] /
-                         optimizer.param_groups[0]["lr_scale"], "tokens_per_s": tps,
+                         "loss": loss_value, "lr": lr_used, "tokens_per_s": tps,
                          "grad_norm": float(grad_norm) if grad_norm is not None else None}
-                metrics.write(event)
+                emit(event)
                 if accelerator.trackers:
                     accelerator.log({k: v for k, v in event.items() if k != "event"},
                                     step=state.step)
                 display.train_line(event)
+            pause_start = time.perf_counter()
 
             over_budget = None
             if recipe.eval.every_steps and state.step % recipe.eval.every_steps == 0 and \
@@ -373,7 +398,7 @@ def train(recipe: Recipe, *, output_dir: str | None = None, resume: str | None =
                          "domains": {d["name"]: {k: d.get(k) for k in
                                                  ("role", "loss", "bpb", "delta_bpb")}
                                      for d in report["domains"]}}
-                metrics.write(event)
+                emit(event)
                 display.eval_line(event)
                 worst = report["summary"]["max_forgetting_bpb"]
                 if worst is not None:
@@ -399,22 +424,22 @@ def train(recipe: Recipe, *, output_dir: str | None = None, resume: str | None =
                            f" Resume with: cpt train <recipe> --resume auto --output-dir "
                            f"{run_dir}")
                 break
+            paused += time.perf_counter() - pause_start
     display.stop()
 
     final_dir = None
     if stopped is None:
-        final_dir = _save_final(run_dir, state, accelerator, model, data, recipe, steps)
+        final_dir = _save_final(run_dir, state, accelerator, model, optimizer, data, recipe)
     final_scores = evaluate()
     report = forgetting_table(final_scores, start_scores, roles,
                               bootstrap_samples=recipe.eval.bootstrap_samples,
                               peak_forgetting=state.peak_forgetting)
     report.update(model=str(final_dir or run_dir), start=_start_name(recipe))
     if main:
-        metrics.write({"event": "eval", "step": state.step,
-                       "tokens": state.step * loader.global_batch * L,
-                       "domains": {d["name"]: {k: d.get(k) for k in
-                                               ("role", "loss", "bpb", "delta_bpb")}
-                                   for d in report["domains"]}})
+        emit({"event": "eval", "step": state.step,
+              "tokens": state.step * loader.global_batch * L,
+              "domains": {d["name"]: {k: d.get(k) for k in ("role", "loss", "bpb", "delta_bpb")}
+                          for d in report["domains"]}})
         if final_dir is not None:
             save_scores(final_dir / "eval" / "start.npz", start_scores)
             write_json(final_dir / "eval" / "report.json", report)
@@ -479,13 +504,14 @@ def _resume_point(run_dir: Path, resume: str | None, overwrite: bool) -> Path | 
         return path
     exists = run_dir.exists() and any(run_dir.iterdir())
     if resume == "auto":
-        ckpts = complete_checkpoints(run_dir)
-        if ckpts:
-            return ckpts[-1]
-        if (run_dir / "final").exists() and not overwrite:
+        # final/eval/report.json is the last file a run writes: with it the run is finished.
+        # Without it (killed during the final evaluation) the newest checkpoint is trained on
+        # to the end again, which rewrites the same final/.
+        if (run_dir / "final" / "eval" / "report.json").is_file() and not overwrite:
             raise UsageError(f"{run_dir} holds a finished run (final/ exists); nothing to "
                              "resume. Use --overwrite to train it again, or another --output-dir.")
-        return None
+        ckpts = complete_checkpoints(run_dir)
+        return ckpts[-1] if ckpts else None
     if exists and not overwrite:
         raise UsageError(f"{run_dir} already exists. Use --resume auto to continue it, "
                          "--overwrite to replace it, or --output-dir for a new one.")
@@ -599,14 +625,28 @@ def _load_parent_optimizer(recipe: Recipe, optimizer: torch.optim.Optimizer) -> 
         raise UsageError(f"train.optimizer.load_from_parent: {path} not found; the parent must "
                          "be a cpt run's final/ (which keeps its optimizer state)")
     state = torch.load(path, weights_only=True, map_location="cpu")
+    # load_state_dict also restores the parent's hyperparameters (lr, weight decay, betas, eps,
+    # lr_scale); only the moments and step counts carry over, this stage's settings apply.
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     try:
         optimizer.load_state_dict(state)
     except ValueError as err:
-        raise UsageError(f"train.optimizer.load_from_parent: the parent's optimizer does not "
-                         f"match this model's parameters ({err})") from None
-    for group in optimizer.param_groups:  # the new stage's learning rate and schedule apply
-        group["lr"] = recipe.train.optimizer.lr
-        group["initial_lr"] = recipe.train.optimizer.lr
+        raise UsageError(f"train.optimizer.load_from_parent: the parent's optimizer state in "
+                         f"{path} does not match this model's trainable parameters ({err}); "
+                         "use the same train.freeze as the parent, or set "
+                         "load_from_parent: false") from None
+    for group, settings in zip(optimizer.param_groups, fresh, strict=True):
+        group.update(settings)
+        # The parent's LambdaLR left its own base lr here; this stage's scheduler sets it anew.
+        group.pop("initial_lr", None)
+        for param in group["params"]:
+            moments = optimizer.state.get(param, {})
+            if "exp_avg" in moments and moments["exp_avg"].shape != param.shape:
+                raise UsageError(
+                    f"train.optimizer.load_from_parent: the parent's optimizer state in {path} "
+                    f"holds a {tuple(moments['exp_avg'].shape)} moment for a parameter of shape "
+                    f"{tuple(param.shape)}: it belongs to another model. Set load_from_parent: "
+                    "false")
 
 
 def _start_name(recipe: Recipe) -> str:
@@ -648,21 +688,35 @@ def _manifest(recipe: Recipe, data: PreparedData, step: int, accelerator: Any) -
             "tokenizer_fingerprint": data.tokenizer_fp}
 
 
-def _save_final(run_dir: Path, state: RunState, accelerator: Any, model: Any,
-                data: PreparedData, recipe: Recipe, steps: int) -> Path:
+def _save_final(run_dir: Path, state: RunState, accelerator: Any, model: Any, optimizer: Any,
+                data: PreparedData, recipe: Recipe) -> Path:
+    """final/: a Hugging Face model folder plus the manifest, the held-out texts and the
+    optimizer state (for a next stage's `optimizer.load_from_parent`; AdamW keeps two fp32
+    moments per parameter, so optimizer.pt is about twice the fp32 weights)."""
     final = run_dir / "final"
     tmp = run_dir / ".tmp-final"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    _save_model(tmp, accelerator, model, data)
-    if accelerator.is_main_process:
-        manifest = _manifest(recipe, data, state.step, accelerator)
-        write_json(tmp / MANIFEST, manifest)
-        write_json(run_dir / MANIFEST, manifest)
-        copy_heldout(run_dir, tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+    try:
+        _save_model(tmp, accelerator, model, data)
+        if accelerator.is_main_process:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            manifest = _manifest(recipe, data, state.step, accelerator)
+            write_json(tmp / MANIFEST, manifest)
+            write_json(run_dir / MANIFEST, manifest)
+            copy_heldout(run_dir, tmp)
+            if final.exists():  # an earlier finish of this run (resumed after final/ was written)
+                os.replace(final, run_dir / ".old-final")
+            os.replace(tmp, final)
+            shutil.rmtree(run_dir / ".old-final", ignore_errors=True)
+    except OSError as err:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        last = complete_checkpoints(run_dir)
+        raise UsageError(f"could not write the final model to {final}: {err}. The checkpoints "
+                         f"are intact (newest: {last[-1] if last else 'none'}); free space or fix "
+                         "permissions, then rerun with --resume auto.") from None
     accelerator.wait_for_everyone()
     return final

@@ -1,0 +1,248 @@
+"""`train()` end to end on a tiny model: the run directory, metrics, checkpoints, final/, parameter
+groups, freezing, and the refusal to overwrite a run.
+
+`tiny_recipe` and `write_sources` are imported by the other trainer test modules (resume, kill,
+lineage, distributed), so every trainer test trains the same kind of model on the same kind of
+text: a 2-layer Llama with hidden size 32 and a 320-token BPE trained in the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from cpt_cli.config import load_recipe, recipe_from_config  # noqa: E402
+from cpt_cli.errors import UsageError  # noqa: E402
+from cpt_cli.schedule import lr_multiplier  # noqa: E402
+from cpt_cli.trainer import param_groups, train  # noqa: E402
+
+TINY_MODEL = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+              "max_position_embeddings": 128}
+WORDS = ["river", "stone", "market", "lantern", "valley", "quiet", "morning", "harbour", "window",
+         "bread", "salt", "copper", "garden", "letter", "winter", "bridge", "candle", "orchard",
+         "music", "silver", "thread", "meadow", "engine", "clock", "kettle", "ladder", "island",
+         "mirror", "pocket", "rabbit", "saddle", "tunnel", "velvet", "wagon", "yellow"]
+
+
+def _prose(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(15, 50))).capitalize() + "."
+            for _ in range(n)]
+
+
+def _code(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [f"def f{i}(x, y):\n    z = x * {rng.randint(1, 99)} + y\n    if z > {i * 3}:\n"
+            f"        return z - {rng.randint(1, 9)}\n    return [i for i in range(z)]\n"
+            for i in range(n)]
+
+
+def write_sources(folder: Path) -> dict[str, str]:
+    """Three small domains as JSONL files: prose, code and notes (prose with another seed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    texts = {"prose": _prose(150, 1), "code": _code(150, 2), "notes": _prose(150, 3)}
+    paths = {}
+    for name, docs in texts.items():
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+        paths[name] = str(path)
+    return paths
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(
+            out.get(key), dict) else value
+    return out
+
+
+def tiny_config(tmp: Path, name: str, sources: list[dict[str, Any]],
+                **sections: Any) -> dict[str, Any]:
+    """A recipe mapping for a tiny from-scratch run; `sections` are merged in (nested dicts)."""
+    base = {"name": name, "seed": 11,
+            "model": {"init": {"config": TINY_MODEL}, "train_tokenizer": {"vocab_size": 320}},
+            "data": {"seq_len": 64, "sources": sources, "holdout": {"tokens": 500},
+                     "cache_dir": str(tmp / "cache")},
+            "train": {"steps": 6, "global_batch_size": 4, "micro_batch_size": 2,
+                      "optimizer": {"lr": 3e-3}, "schedule": {"name": "cosine", "warmup": 2},
+                      "checkpoint": {"every_steps": 2, "keep": 1}, "log_every_steps": 1},
+            "eval": {"every_steps": 3, "bootstrap_samples": 0}}
+    return merge(base, sections)
+
+
+def tiny_recipe(tmp: Path, name: str, sources: list[dict[str, Any]], **sections: Any) -> Any:
+    return recipe_from_config(tiny_config(tmp, name, sources, **sections), base_dir=tmp)
+
+
+def recipe_file(tmp: Path, name: str, sources: list[dict[str, Any]], **sections: Any) -> Path:
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp, name, sources, **sections)))
+    return path
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("trainer")
+    paths = write_sources(tmp / "data")
+    sources = [{"name": "prose", "path": paths["prose"]},
+               {"name": "code", "path": paths["code"], "weight": 0.5}]
+    recipe = tiny_recipe(tmp, "tiny", sources)
+    events: list[dict[str, Any]] = []
+    result = train(recipe, output_dir=str(tmp / "runs" / "tiny"), on_event=events.append)
+    return {"tmp": tmp, "recipe": recipe, "result": result, "events": events,
+            "sources": sources}
+
+
+def test_run_directory_layout(run: dict[str, Any]) -> None:
+    run_dir = run["result"].run_dir
+    assert run["result"].steps == 6 and run["result"].final_dir == run_dir / "final"
+    # The recipe as trained, loadable again.
+    again = load_recipe(run_dir / "recipe.yaml")
+    assert again.train.steps == 6 and [s.name for s in again.data.sources] == ["prose", "code"]
+    # keep: 1 rotates step 2 away; step 6 is the end of the run, written as final/ instead.
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000004"]
+    ckpt = run_dir / "checkpoints" / "step-000004"
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "optimizer.pt",
+                 "scheduler.pt", "rng-0.pt", "trainer_state.json", "manifest.json"):
+        assert (ckpt / name).is_file(), name
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["data"]["sequences_consumed"] == 16
+    assert not [p for p in run_dir.rglob(".tmp*")]
+
+
+def test_metrics_train_and_eval_events(run: dict[str, Any]) -> None:
+    events = read_metrics(run["result"].run_dir)
+    assert events == run["events"]  # on_event sees exactly what metrics.jsonl records
+    train_events = [e for e in events if e["event"] == "train"]
+    assert [e["step"] for e in train_events] == [1, 2, 3, 4, 5, 6]
+    schedule = run["recipe"].train.schedule
+    for e in train_events:
+        assert set(e) >= {"step", "tokens", "loss", "lr", "tokens_per_s", "grad_norm"}
+        assert e["tokens"] == e["step"] * 4 * 64
+        # The lr logged with step s is the one its update used.
+        assert e["lr"] == pytest.approx(3e-3 * lr_multiplier(schedule, e["step"] - 1, 6))
+        assert e["tokens_per_s"] > 0 and 0 < e["loss"] < 20
+    evals = [e for e in events if e["event"] == "eval"]
+    assert [e["step"] for e in evals] == [0, 3, 6]
+    for e in evals:
+        assert set(e["domains"]) == {"prose", "code"}
+        for d in e["domains"].values():
+            assert d["loss"] > 0 and d["bpb"] > 0 and d["role"] == "target"
+    # bpb after 6 steps at lr 3e-3 is lower than at the start on both domains.
+    for name in ("prose", "code"):
+        assert evals[-1]["domains"][name]["bpb"] < evals[0]["domains"][name]["bpb"]
+        assert evals[-1]["domains"][name]["delta_bpb"] == pytest.approx(
+            evals[-1]["domains"][name]["bpb"] - evals[0]["domains"][name]["bpb"])
+
+
+def test_manifest_counts_agree_with_the_plan(run: dict[str, Any]) -> None:
+    from cpt_cli.inspection import inspect_mix
+
+    manifest = json.loads((run["result"].run_dir / "manifest.json").read_text())
+    assert manifest == json.loads((run["result"].final_dir / "manifest.json").read_text())
+    (stage,) = manifest["stages"]
+    assert stage["steps"] == 6 and stage["tokens"] == 6 * 4 * 64
+    plan = inspect_mix(run["recipe"])
+    assert plan["total_tokens"] == stage["tokens"]
+    planned = {s["name"]: s["tokens_planned"] for s in plan["sources"]}
+    trained = {s["name"]: s["tokens_trained"] for s in stage["sources"]}
+    assert trained == planned and sum(trained.values()) == stage["tokens"]
+    # weights 1 : 0.5 over 24 sequences
+    assert trained == {"prose": 16 * 64, "code": 8 * 64}
+
+
+def test_final_loads_with_transformers(run: dict[str, Any]) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = run["result"].final_dir
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    ids = tokenizer("The river runs past the market.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape == (1, ids.shape[1], len(tokenizer)) and torch.isfinite(logits).all()
+    assert (final / "optimizer.pt").is_file() and (final / "manifest.json").is_file()
+    assert sorted(p.name for p in (final / "heldout").iterdir()) == ["code.jsonl", "prose.jsonl"]
+    # final/ holds the trained weights, not the step-4 checkpoint's.
+    ckpt = weights(run["result"].run_dir / "checkpoints" / "step-000004")
+    assert any(not torch.equal(t, ckpt[k]) for k, t in weights(final).items())
+
+
+def test_existing_run_directory_is_never_overwritten(run: dict[str, Any]) -> None:
+    with pytest.raises(UsageError, match="already exists.*--resume auto.*--overwrite"):
+        train(run["recipe"], output_dir=str(run["result"].run_dir))
+    with pytest.raises(UsageError, match="finished run"):
+        train(run["recipe"], output_dir=str(run["result"].run_dir), resume="auto")
+
+
+def test_overwrite_replaces_the_run(run: dict[str, Any]) -> None:
+    run_dir = run["tmp"] / "runs" / "again"
+    run_dir.mkdir(parents=True)
+    (run_dir / "stale.txt").write_text("from another run")
+    recipe = tiny_recipe(run["tmp"], "again", run["sources"], train={"steps": 2},
+                         eval={"every_steps": None})
+    result = train(recipe, output_dir=str(run_dir), overwrite=True)
+    assert not (run_dir / "stale.txt").exists() and result.steps == 2
+
+
+def _model(config: dict[str, Any]) -> Any:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = dict(config)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"),
+                                                                 **config))
+
+
+def test_no_weight_decay_on_norms_biases_and_embeddings(tmp_path: Path) -> None:
+    model = _model({**TINY_MODEL, "vocab_size": 100, "attention_bias": True,
+                    "tie_word_embeddings": False})
+    recipe = tiny_recipe(tmp_path, "groups", [{"name": "x", "path": "x.jsonl"}],
+                         train={"optimizer": {"weight_decay": 0.1, "embedding_lr_scale": 0.5}})
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model, recipe)
+    decay = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert decay and no_decay and not decay & no_decay
+    assert decay | no_decay == set(names.values())
+    for name in no_decay:
+        assert "norm" in name or name.endswith(".bias") or "embed_tokens" in name, name
+    for name in decay:
+        assert name.endswith(".weight") and "norm" not in name and "embed_tokens" not in name
+    assert "lm_head.weight" in decay  # an untied output layer is a matrix like any other
+    assert {"model.layers.0.self_attn.q_proj.bias", "model.norm.weight",
+            "model.embed_tokens.weight"} <= no_decay
+    scales = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+    assert scales["model.embed_tokens.weight"] == 0.5
+    assert {s for n, s in scales.items() if n != "model.embed_tokens.weight"} == {1.0}
+
+
+def test_freeze_patterns_leave_parameters_out(tmp_path: Path) -> None:
+    model = _model({**TINY_MODEL, "vocab_size": 100})
+    recipe = tiny_recipe(tmp_path, "freeze", [{"name": "x", "path": "x.jsonl"}],
+                         train={"freeze": ["embed_tokens", r"layers\.0\."]})
+    trained = {id(p) for g in param_groups(model, recipe) for p in g["params"]}
+    for name, param in model.named_parameters():
+        frozen = "embed_tokens" in name or ".layers.0." in name
+        assert (id(param) not in trained) == frozen, name
+        assert param.requires_grad != frozen, name
