@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -191,10 +192,19 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
         self.path, self.enabled = path, enabled
         if enabled and resume_step is not None and path.exists():
-            # Events after the checkpoint we resume from will happen again: drop them.
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(f"{line}\n" for line in kept))
+            # Events after the checkpoint we resume from will happen again: drop them, and a
+            # last line cut short by a kill. Rewritten atomically, so a kill now loses nothing.
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(event, dict) and event.get("step", 0) <= resume_step:
+                    kept.append(line)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+            os.replace(tmp, path)
         self.fh = open(path, "a") if enabled else None  # noqa: SIM115 - closed in close()
 
     def write(self, event: dict[str, Any]) -> None:
@@ -267,6 +277,7 @@ def train(recipe: Recipe, *, output_dir: str | None = None, resume: str | None =
     if main:
         if overwrite and run_dir.exists() and resume_from is None:
             shutil.rmtree(run_dir)
+        remove_debris(run_dir)
         (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.yaml")
         _write_heldout(run_dir, data)
@@ -426,29 +437,32 @@ def train(recipe: Recipe, *, output_dir: str | None = None, resume: str | None =
                 break
             paused += time.perf_counter() - pause_start
     display.stop()
+    if stopped is not None:
+        # No final evaluation: a preempted job has seconds left, and a run stopped for
+        # forgetting was evaluated at this very step.
+        metrics.close()
+        if accelerator.trackers:
+            accelerator.end_training()
+        accelerator.wait_for_everyone()
+        raise TrainingStopped(stopped, exit_code=1)
 
-    final_dir = None
-    if stopped is None:
-        final_dir = _save_final(run_dir, state, accelerator, model, optimizer, data, recipe)
+    final_dir = _save_final(run_dir, state, accelerator, model, optimizer, data, recipe)
     final_scores = evaluate()
     report = forgetting_table(final_scores, start_scores, roles,
                               bootstrap_samples=recipe.eval.bootstrap_samples,
                               peak_forgetting=state.peak_forgetting)
-    report.update(model=str(final_dir or run_dir), start=_start_name(recipe))
+    report.update(model=str(final_dir), start=_start_name(recipe))
     if main:
         emit({"event": "eval", "step": state.step,
               "tokens": state.step * loader.global_batch * L,
               "domains": {d["name"]: {k: d.get(k) for k in ("role", "loss", "bpb", "delta_bpb")}
                           for d in report["domains"]}})
-        if final_dir is not None:
-            save_scores(final_dir / "eval" / "start.npz", start_scores)
-            write_json(final_dir / "eval" / "report.json", report)
+        save_scores(final_dir / "eval" / "start.npz", start_scores)
+        write_json(final_dir / "eval" / "report.json", report)
     metrics.close()
     if accelerator.trackers:
         accelerator.end_training()
     accelerator.wait_for_everyone()
-    if stopped is not None:
-        raise TrainingStopped(stopped, exit_code=1)
     return TrainResult(run_dir=run_dir, final_dir=final_dir, report=report, steps=state.step)
 
 
@@ -565,7 +579,8 @@ def _save_checkpoint(run_dir: Path, state: RunState, accelerator: Any, model: An
                 "num_processes": accelerator.num_processes, "keep": keep_forever})
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            os.replace(tmp, root / name)
+            _fsync_tree(tmp)
+            _publish(tmp, root / name)
             _rotate(root, recipe.train.checkpoint.keep)
     except OSError as err:
         if accelerator.is_main_process:
@@ -576,13 +591,56 @@ def _save_checkpoint(run_dir: Path, state: RunState, accelerator: Any, model: An
     return root / name
 
 
+def _fsync_tree(folder: Path) -> None:
+    """Flush a finished checkpoint's files to disk before its rename publishes it: after a
+    power loss the rename could otherwise reach the disk before the data (a SIGKILL alone
+    loses nothing, the page cache survives the process)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename a complete folder into place. A folder already there (a run resumed from an
+    older checkpoint writes the same step again) is first renamed out of the way: at every
+    moment `target` is either the old complete folder, absent, or the new complete one."""
+    old = target.with_name(f".old-{target.name}")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _discard(folder: Path) -> None:
+    """Delete a checkpoint: renamed to a hidden name first, so that a kill halfway through the
+    deletion never leaves a `step-N` folder with some of its files missing."""
+    doomed = folder.with_name(f".del-{folder.name}")
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed)
+
+
+def remove_debris(run_dir: Path) -> None:
+    """Remove what a killed run left half-written or half-deleted (hidden `.tmp-`, `.old-`,
+    `.del-` folders); complete checkpoints are never touched."""
+    for folder in (run_dir, run_dir / CHECKPOINTS):
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if path.name.startswith((".tmp-", ".old-", ".del-")) and path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+
+
 def _rotate(root: Path, keep: int) -> None:
-    ckpts = [p for p in sorted(root.iterdir()) if STEP_DIR.match(p.name)]
+    ckpts = complete_checkpoints(root.parent)
     kept_forever = {p for p in ckpts if json.loads(
         (p / "trainer_state.json").read_text()).get("keep")}
     rotating = [p for p in ckpts if p not in kept_forever]
     for old in rotating[:-keep]:
-        shutil.rmtree(old)
+        _discard(old)
 
 
 def _load_checkpoint(path: Path, accelerator: Any, model: Any, optimizer: Any, scheduler: Any,
@@ -608,14 +666,28 @@ def _load_checkpoint(path: Path, accelerator: Any, model: Any, optimizer: Any, s
     if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
         raise UsageError(f"checkpoint {path} does not match the model "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True,
-                                         map_location="cpu"))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    optimizer.load_state_dict(_load_state(path / "optimizer.pt"))
+    scheduler.load_state_dict(_load_state(path / "scheduler.pt"))
     rng = path / f"rng-{accelerator.process_index}.pt"
     if rng.exists():
-        _set_rng_state(torch.load(rng, weights_only=True))
+        _set_rng_state(_load_state(rng))
     return RunState(step=meta["step"], bad_steps=meta["bad_steps"],
                     peak_forgetting=meta["peak_forgetting"])
+
+
+def _load_state(path: Path) -> Any:
+    """Resume state through torch.load(weights_only=True): tensors and plain containers only, so
+    a tampered file cannot run code. A refusal (or a damaged file) is a message, not a traceback."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        reason = f"it holds a pickled {found.group(1)}, not only tensors and plain values" \
+            if found else f"it is damaged ({str(err).strip().splitlines()[0][:200]})"
+        raise UsageError(f"cannot load {path}: {reason}, so it is not loaded (resume state is "
+                         "read with weights_only=True). Resume from another checkpoint "
+                         "(--resume checkpoints/step-N) or start over with --overwrite."
+                         ) from None
 
 
 def _load_parent_optimizer(recipe: Recipe, optimizer: torch.optim.Optimizer) -> None:
@@ -624,7 +696,7 @@ def _load_parent_optimizer(recipe: Recipe, optimizer: torch.optim.Optimizer) -> 
     if not path.is_file():
         raise UsageError(f"train.optimizer.load_from_parent: {path} not found; the parent must "
                          "be a cpt run's final/ (which keeps its optimizer state)")
-    state = torch.load(path, weights_only=True, map_location="cpu")
+    state = _load_state(path)
     # load_state_dict also restores the parent's hyperparameters (lr, weight decay, betas, eps,
     # lr_scale); only the moments and step counts carry over, this stage's settings apply.
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
@@ -707,10 +779,8 @@ def _save_final(run_dir: Path, state: RunState, accelerator: Any, model: Any, op
             write_json(tmp / MANIFEST, manifest)
             write_json(run_dir / MANIFEST, manifest)
             copy_heldout(run_dir, tmp)
-            if final.exists():  # an earlier finish of this run (resumed after final/ was written)
-                os.replace(final, run_dir / ".old-final")
-            os.replace(tmp, final)
-            shutil.rmtree(run_dir / ".old-final", ignore_errors=True)
+            _fsync_tree(tmp)
+            _publish(tmp, final)
     except OSError as err:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
