@@ -182,7 +182,8 @@ def test_hf_dataset_from_a_local_folder(tmp_path: Path) -> None:
     assert one == [r["question"] for r in RECORDS[6:]]
 
 
-def test_hf_streaming_with_max_documents(tmp_path: Path) -> None:
+def test_hf_streaming_with_max_documents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                         ) -> None:
     import datasets
 
     write_hf_folder(tmp_path / "ds")
@@ -195,10 +196,8 @@ def test_hf_streaming_with_max_documents(tmp_path: Path) -> None:
         calls.append(bool(kwargs.get("streaming")))
         return original(*args, **kwargs)
 
-    mp = pytest.MonkeyPatch()
-    with mp.context() as m:
-        m.setattr(datasets, "load_dataset", spy)
-        assert read(tmp_path, hf=HFSource(path="ds", streaming=True, max_documents=20)) == TEXTS
+    monkeypatch.setattr(datasets, "load_dataset", spy)
+    assert read(tmp_path, hf=HFSource(path="ds", streaming=True, max_documents=20)) == TEXTS
     assert calls == [True]
 
 
