@@ -13,24 +13,10 @@ from typing import Any
 import numpy as np
 
 from cpt_cli.config import Recipe
-from cpt_cli.packing import BestFitStream, ConcatStream
+from cpt_cli.packing import BestFitStream
 from cpt_cli.prepare import PreparedData, plan_data, prepare_data
 
 WINDOW = 1000
-
-
-def _dropped_tokens(stream: Any, sequences: int) -> int:
-    """concat: tokens of the document cut by the end of the source's last planned sequence that
-    are never trained (the "final partial sequence")."""
-    if not isinstance(stream, ConcatStream) or sequences == 0:
-        return 0
-    end = sequences * stream.seq_len
-    epoch, within = divmod(end, stream.epoch_tokens)
-    if within == 0:
-        return 0
-    _, ends = stream._epoch(epoch)
-    k = int(np.searchsorted(ends, within, side="left"))
-    return int(ends[k] - within)
 
 
 def inspect_mix(recipe: Recipe, *, samples: int = 0, num_processes: int | None = None,
@@ -60,7 +46,8 @@ def inspect_mix(recipe: Recipe, *, samples: int = 0, num_processes: int | None =
     result["steps"] = data.steps
     result["global_batch_sequences"] = data.global_batch
     result["packing"] = {"mode": recipe.data.packing, "padding_fraction": padding,
-                         "dropped_tokens": sum(_dropped_tokens(s, r.sequences)
+                         "padding_tokens": int(round(padding * plan.total_tokens)),
+                         "dropped_tokens": sum(s.dropped_tokens(r.sequences)
                                                for s, r in zip(data.streams, plan.sources,
                                                                strict=True))}
     result["retained_only_domains"] = [d.name for d in data.eval_domains
@@ -74,15 +61,15 @@ def _render(data: PreparedData, index: int) -> dict[str, Any]:
     assert data.plan is not None
     k, j = data.plan.locate(index)
     seq = data.streams[k].sequence(j)
-    bounds = list(seq.doc_starts)
-    if not bounds or bounds[0] != 0:
-        bounds = [0] + bounds  # the first piece continues a document from the last sequence
+    bounds = sorted(set(seq.doc_starts) | set(seq.continued) | {0})
+    used = int((seq.labels != -100).sum()) if isinstance(data.streams[k], BestFitStream) \
+        else len(seq.input_ids)
     pieces = []
-    for a, b in zip(bounds, bounds[1:] + [len(seq.input_ids)], strict=True):
-        ids = [int(t) for t, lab in zip(seq.input_ids[a:b], seq.labels[a:b], strict=True)
-               if lab != -100]
-        pieces.append({"start": a, "tokens": b - a,
-                       "continued": a == 0 and 0 not in seq.doc_starts,
+    for a, b in zip(bounds, bounds[1:] + [used], strict=True):
+        if a >= used:
+            break
+        ids = [int(t) for t in seq.input_ids[a:b]]
+        pieces.append({"start": a, "tokens": len(ids), "continued": a in seq.continued,
                        "text": data.tokenizer.decode(ids)})
     padding = int((seq.labels == -100).sum()) if isinstance(data.streams[k], BestFitStream) else 0
     return {"index": index, "source": data.plan.sources[k].name, "documents": pieces,

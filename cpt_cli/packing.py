@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -29,12 +29,15 @@ def epoch_seed(seed: int, name: str, epoch: int) -> int:
 
 @dataclass
 class PackedSequence:
-    """One training sequence; `doc_starts` are the positions where a document begins."""
+    """One training sequence; `doc_starts` are the positions where a document (or a chunk of a
+    long one, in best_fit) begins; `continued` the positions of pieces whose document began in
+    another sequence (rendering marks them; training treats every piece alike)."""
 
     input_ids: np.ndarray       # int64 [seq_len]
     labels: np.ndarray          # int64 [seq_len], PAD_LABEL on padding
     position_ids: np.ndarray    # int64 [seq_len], restarting at each document
     doc_starts: list[int]
+    continued: list[int] = field(default_factory=list)
 
 
 class ConcatStream:
@@ -62,6 +65,18 @@ class ConcatStream:
             ends = np.cumsum(self.lengths[order] + 1)
             self._epochs[epoch] = (order, ends)
         return self._epochs[epoch]
+
+    def dropped_tokens(self, sequences: int) -> int:
+        """Tokens never trained when the run takes `sequences` sequences: the rest of the
+        document (with its EOS) that the end of the last sequence cuts."""
+        if sequences == 0:
+            return 0
+        epoch, within = divmod(sequences * self.seq_len, self.epoch_tokens)
+        if within == 0:
+            return 0
+        _, ends = self._epoch(epoch)
+        k = int(np.searchsorted(ends, within, side="left"))
+        return int(ends[k] - within)
 
     def sequence(self, index: int) -> PackedSequence:
         L = self.seq_len
@@ -92,7 +107,7 @@ class ConcatStream:
             pos[filled:filled + piece_len] = np.arange(piece_len)
             filled += piece_len
             stream_pos += piece_len
-        return PackedSequence(out, out.copy(), pos, starts)
+        return PackedSequence(out, out.copy(), pos, starts, [] if starts[:1] == [0] else [0])
 
 
 class BestFitStream:
@@ -143,7 +158,12 @@ class BestFitStream:
     def sequences_per_epoch(self) -> float:
         return float(len(self._bins(0)))
 
+    def dropped_tokens(self, sequences: int) -> int:
+        """Whole documents in every bin: nothing is cut, nothing dropped."""
+        return 0
+
     def padding_fraction(self) -> float:
+        """Padding over the bins of one epoch (the next epochs pack about as tightly)."""
         bins = self._bins(0)
         used = sum(c[2] for b in bins for c in b)
         return 1.0 - used / (len(bins) * self.seq_len) if bins else 0.0
@@ -162,6 +182,7 @@ class BestFitStream:
         labels = np.full(L, PAD_LABEL, dtype=np.int64)
         pos = np.zeros(L, dtype=np.int64)
         starts: list[int] = []
+        continued: list[int] = []
         filled = 0
         for doc, start, length in self._bins(epoch)[index]:
             a, b = int(self.offsets[doc]), int(self.offsets[doc + 1])
@@ -171,7 +192,9 @@ class BestFitStream:
             labels[filled:filled + length] = out[filled:filled + length]
             pos[filled:filled + length] = np.arange(length)
             starts.append(filled)
+            if start:
+                continued.append(filled)
             filled += length
         if filled < L:
             pos[filled:] = np.arange(L - filled)  # padding is its own "document"
-        return PackedSequence(out, labels, pos, starts)
+        return PackedSequence(out, labels, pos, starts, continued)

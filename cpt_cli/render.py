@@ -52,7 +52,8 @@ def forgetting(report: dict[str, Any], console: Console, title: str | None = Non
 def plan(result: dict[str, Any], console: Console, name: str) -> None:
     table = Table(title=f"mixture plan: {name}", title_justify="left")
     for col in ("source", "role", "documents", "tokens avail.", "held out", "weight",
-                "planned tokens", "share req.", "share planned", "first 1000", "epochs"):
+                "planned tokens", "share req.", "share planned", "first 1000", "achieved",
+                "epochs"):
         table.add_column(col, justify="left" if col in ("source", "role") else "right")
     for s in result["sources"]:
         role = s["role"] + (" (inherited)" if s.get("inherited") else "")
@@ -60,7 +61,8 @@ def plan(result: dict[str, Any], console: Console, name: str) -> None:
         table.add_row(s["name"], role, f"{s['documents']:,}", f"{s['tokens_available']:,}",
                       f"{s['holdout_tokens']:,}", f"{s['weight']:g}", f"{s['tokens_planned']:,}",
                       f"{s['share_requested']:.2%}", f"{s['share_planned']:.2%}",
-                      f"{s['share_achieved_first_1000']:.2%}", epochs)
+                      f"{s['share_achieved_first_1000']:.2%}", f"{s['share_achieved']:.2%}",
+                      epochs)
     console.print(table)
     p = result["packing"]
     console.print(f"total {result['total_tokens']:,} tokens in {result['sequences']:,} sequences "

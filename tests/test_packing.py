@@ -170,3 +170,34 @@ def test_best_fit_epochs_reshuffle() -> None:
     # The same documents, differently arranged (padding aside: its amount may differ).
     assert sorted(x for s in first for x in s if x != PAD) == \
         sorted(x for s in second for x in s if x != PAD)
+
+
+def test_concat_marks_continued_pieces_and_counts_dropped_tokens() -> None:
+    stream = concat_stream()
+    n = int(2 * stream.sequences_per_epoch) + 3
+    seqs = [stream.sequence(i) for i in range(n)]
+    assert seqs[0].continued == []
+    for prev, seq in zip(seqs, seqs[1:], strict=False):
+        assert seq.continued == ([] if prev.input_ids[-1] == EOS else [0])
+        assert (0 in seq.doc_starts) != (seq.continued == [0])
+    for c in range(1, n - 4):
+        # Tokens after the run's last sequence up to the next document start: never trained.
+        dropped, i = 0, c
+        while True:
+            if seqs[i].doc_starts:
+                dropped += seqs[i].doc_starts[0]
+                break
+            dropped += L
+            i += 1
+        assert stream.dropped_tokens(c) == dropped, c
+    assert stream.dropped_tokens(0) == 0
+
+
+def test_best_fit_marks_chunks_of_long_documents_as_continued() -> None:
+    stream = best_fit_stream()
+    n = int(stream.sequences_per_epoch)
+    continued = sum(len(stream.sequence(i).continued) for i in range(n))
+    # A document of n tokens plus EOS makes ceil((n + 1) / L) chunks: n // L after the first.
+    chunks_after_first = sum(length // L for length in LENGTHS)
+    assert continued == chunks_after_first > 0
+    assert all(stream.dropped_tokens(c) == 0 for c in range(3 * n))
