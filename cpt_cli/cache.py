@@ -96,7 +96,8 @@ class TokenizedSource:
 
 def entry_key(source: SourceConfig, content_fp: str, tokenizer_fp: str) -> str:
     how = json.dumps({"text_field": source.text_field, "template": source.template,
-                      "min_chars": source.min_chars, "on_error": source.on_error}, sort_keys=True)
+                      "min_chars": source.min_chars, "max_chars": source.max_chars,
+                      "on_error": source.on_error}, sort_keys=True)
     return hashlib.sha256(f"{CACHE_VERSION}|{content_fp}|{how}|{tokenizer_fp}".encode()
                           ).hexdigest()[:20]
 

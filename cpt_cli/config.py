@@ -95,6 +95,8 @@ class SourceConfig:
     """Relative weight within its group (new sources, or replay sources)."""
     min_chars: int = 1
     """Drop documents shorter than this many characters."""
+    max_chars: Size = Size(10_000_000)
+    """Longer documents are bad records (runaway lines): raise, or skip with on_error: skip."""
     max_epochs: float | None = None
     """Refuse a plan that repeats this source more often (default: data.max_epochs)."""
     on_error: Literal["raise", "skip"] = "raise"
@@ -587,6 +589,9 @@ def check_semantics(recipe: Recipe, problems: list[str]) -> None:
                 problems.append(f"{key}.max_epochs: {src.max_epochs} must be positive")
             if src.min_chars < 0:
                 problems.append(f"{key}.min_chars: {src.min_chars} must be 0 or more")
+            if src.max_chars < max(src.min_chars, 1):
+                problems.append(f"{key}.max_chars: {src.max_chars} must be at least min_chars "
+                                f"({src.min_chars}) and 1; e.g. 10M")
             if src.template is not None:
                 try:
                     fields = [f for _, f, _, _ in __import__("string").Formatter().parse(

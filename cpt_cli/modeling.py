@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import warnings
 from pathlib import Path
@@ -9,35 +10,112 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from cpt_cli.config import Recipe
+from cpt_cli.config import Recipe, resolve_path
 from cpt_cli.errors import UsageError
 from cpt_cli.prepare import model_location
 
 
 def check_model_path(recipe: Recipe) -> list[str]:
-    """Problems with model.path that can be found before anything is loaded."""
+    """Problems with the model that show before any weights load: a model.path or
+    model.tokenizer that does not exist, a folder that is not a causal LM, a model.init config
+    transformers cannot build, and a data.seq_len above the model's context."""
+    m = recipe.model
+    problems: list[str] = []
+    if m.tokenizer is not None and _looks_local(m.tokenizer) and \
+            not resolve_path(recipe, m.tokenizer).exists():
+        problems.append(f"model.tokenizer: {m.tokenizer!r} does not exist (looked for "
+                        f"{resolve_path(recipe, m.tokenizer)}); give a folder with tokenizer "
+                        "files or a Hub id")
+    config: dict[str, Any] | None = None
+    where = "model.path"
+    if m.init is not None:
+        where = "model.init.config"
+        config = _init_config(m.init.config, problems)
     location = model_location(recipe)
-    if location is None:
-        return []
-    looks_local = location.startswith((".", "/", "~")) or location.count("/") > 1 or \
+    if location is not None:
+        if _looks_local(location) and not Path(location).exists():
+            return problems + [
+                f"model.path: {m.path!r} does not exist (looked for {location}); give a model "
+                "folder, a Hub id, or the final/ of a cpt run"]
+        if Path(location).is_dir():
+            config_file = Path(location) / "config.json"
+            if not config_file.is_file():
+                return problems + [f"model.path: {location} has no config.json: not a Hugging "
+                                   "Face model folder; give the folder that holds config.json "
+                                   "and the weights"]
+            try:
+                config = json.loads(config_file.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+                return problems + [f"model.path: {config_file} is not valid JSON ({err})"]
+            if not isinstance(config, dict):
+                return problems + [f"model.path: {config_file} is not a JSON object"]
+            listed = config.get("architectures") or []
+            architectures = [str(a) for a in (listed if isinstance(listed, list) else [listed])]
+            causal = [a for a in architectures if a.endswith(("ForCausalLM", "LMHeadModel"))]
+            model_type = config.get("model_type")
+            remote = "AutoModelForCausalLM" in (config.get("auto_map") or {})
+            # transformers runs shipped code only for a model_type it does not know itself.
+            if config.get("auto_map") and model_type not in CONFIG_MAPPING_NAMES and \
+                    not m.trust_remote_code:
+                return problems + [
+                    f"model.path: {location} ships its own Python code (auto_map in "
+                    "config.json), which cpt does not run by default; set "
+                    "model.trust_remote_code: true only if you trust its source, or use a "
+                    "model that transformers supports natively"]
+            if (architectures and not causal) or (not architectures and not remote and
+                                                  model_type not in
+                                                  (None, *MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)):
+                kind = ", ".join(architectures) if architectures else f"{model_type!r} model"
+                return problems + [f"model.path: {location} is a {kind}, not a causal "
+                                   "language model; cpt trains *ForCausalLM models (give a "
+                                   "decoder such as Llama, Qwen2 or GPT-2)"]
+    context = _context_of(config) if config is not None else None
+    if context is not None and recipe.data.seq_len > context:
+        problems.append(f"data.seq_len: {recipe.data.seq_len} is above the model's context of "
+                        f"{context} tokens ({where}); lower data.seq_len to at most {context}")
+    return problems
+
+
+def _looks_local(location: str) -> bool:
+    """A filesystem path rather than a Hub id (`org/name`): starts with . / ~, has more than one
+    slash, or exists."""
+    return location.startswith((".", "/", "~")) or location.count("/") > 1 or \
         Path(location).exists()
-    if looks_local and not Path(location).exists():
-        return [f"model.path: {recipe.model.path!r} does not exist (looked for {location}); give "
-                "a model folder, a Hub id, or the final/ of a cpt run"]
-    if Path(location).is_dir():
-        config = Path(location) / "config.json"
-        if not config.is_file():
-            return [f"model.path: {location} has no config.json: not a Hugging Face model folder"]
-        try:
-            architectures = json.loads(config.read_text()).get("architectures") or []
-        except (OSError, json.JSONDecodeError) as err:
-            return [f"model.path: {config} is not valid JSON ({err})"]
-        if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel"))
-                                     for a in architectures):
-            return [f"model.path: {location} is a {', '.join(architectures)}, not a causal "
-                    "language model; cpt trains *ForCausalLM models"]
-    return []
+
+
+def _init_config(raw: dict[str, Any], problems: list[str]) -> dict[str, Any] | None:
+    """model.init.config as transformers would build it (defaults filled in), or None with the
+    problem recorded. Building a config is cheap: no weights."""
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str):
+        return None  # reported by the recipe's own checks
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        close = difflib.get_close_matches(model_type, list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else \
+            " (e.g. llama, qwen2, gpt2, mistral)"
+        what = "not a causal-LM model type" if model_type in CONFIG_MAPPING_NAMES else \
+            "not a transformers model type"
+        problems.append(f"model.init.config.model_type: {model_type!r} is {what}{hint}")
+        return None
+    fields = {k: v for k, v in raw.items() if k != "model_type"}
+    try:
+        return AutoConfig.for_model(model_type, **fields).to_dict()
+    except Exception as err:  # noqa: BLE001 - transformers raises several kinds for bad fields
+        message = " ".join(str(err).split())
+        problems.append(f"model.init.config: transformers rejects this {model_type} config: "
+                        f"{message}")
+        return None
+
+
+def _context_of(config: dict[str, Any]) -> int | None:
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = config.get(attr)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
 
 
 def load_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:

@@ -197,7 +197,13 @@ def _lineage_trained_hashes(lineage: Lineage, skip: set[str], tokenizer: PreTrai
 def prepare_data(recipe: Recipe, *, progress: Progress | None = None,
                  lineage: Lineage | None = None) -> PreparedData:
     """Tokenize every source, carve or reload held-out sets, and drop held-out duplicates."""
+    # Imported here: modeling imports this module. The model is checked first so that a missing
+    # or wrong model.path is reported as such, not as a tokenizer that failed to load.
+    from cpt_cli.modeling import check_model_path
 
+    model_problems = check_model_path(recipe)
+    if model_problems:
+        raise RecipeError("the recipe's model cannot be used:", model_problems)
     cache_dir = cache_dir_for(recipe)
     if lineage is None and recipe.model.path is not None:
         location = model_location(recipe)

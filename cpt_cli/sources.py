@@ -267,6 +267,10 @@ def read_documents(source: SourceConfig, base_dir: str | Path,
                 if isinstance(record, Exception):
                     raise record
                 text = _text_of(source, record, where)
+                if len(text) > source.max_chars:
+                    raise ValueError(f"{where}: a document of {len(text):,} characters, above "
+                                     f"max_chars ({source.max_chars:,}); split it, or raise "
+                                     "max_chars on this source")
             except ValueError as err:
                 if source.on_error == "skip":
                     stats.skipped[_reason(str(err))] += 1
@@ -291,7 +295,7 @@ def _relative(path: Path, base_dir: str | Path) -> str:
 
 def _reason(message: str) -> str:
     for reason in ("invalid JSON", "not valid UTF-8", "binary file", "is missing",
-                   "expected a JSON object", "not text"):
+                   "expected a JSON object", "not text", "above max_chars"):
         if reason in message:
             return reason
     return "bad record"

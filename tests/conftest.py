@@ -1,0 +1,135 @@
+"""Fixtures shared by the test modules: offline Hugging Face, a private cpt cache, a tiny corpus,
+a tiny valid recipe, and the real CLI run in-process.
+
+Every test that trains or tokenizes starts from `tiny_recipe`: a 2-layer, 32-wide Llama built from
+a config, a 300-token byte-level BPE trained on the recipe's own sources (cached once per session),
+150 documents per domain from the quickstart corpus builder, 2 steps of 4 sequences of 64 tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+# Before transformers or huggingface_hub are imported by any test module: they read it at import.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_LLAMA: dict[str, Any] = {
+    "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 128,
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def library_logging() -> None:
+    """transformers' log handler keeps the stderr it first saw: let that be the session's, not
+    the stream of one CliRunner call (closed afterwards, so a later warning would fail to
+    print and bury the output in a "Logging error" traceback)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger("transformers")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpt_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """$CPT_CACHE for the whole session: tokenizers and token files are shared between tests
+    (keyed by content), never written to the user's ~/.cache."""
+    cache = tmp_path_factory.mktemp("cpt-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CPT_CACHE", str(cache))
+        yield cache
+
+
+@pytest.fixture(scope="session")
+def quickstart_corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """code.jsonl, prose.jsonl and qa.jsonl with 150 documents each (about 0.2 s to build)."""
+    from cpt_cli.corpus import build_quickstart_corpus
+
+    return build_quickstart_corpus(tmp_path_factory.mktemp("corpus"), max_documents=150)
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path: Path, quickstart_corpus: dict[str, Path], cpt_cache: Path
+                ) -> dict[str, Any]:
+    """A valid recipe as a dict, its data copied to tmp_path/data (paths relative to the recipe's
+    folder, tmp_path) and its run directory at tmp_path/runs/tiny. Mutate it, then `write_recipe`.
+    """
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("prose", "qa"):
+        shutil.copy(quickstart_corpus[name], data / f"{name}.jsonl")
+    return {
+        "name": "tiny",
+        "seed": 1,
+        "model": {"init": {"config": copy.deepcopy(TINY_LLAMA)},
+                  "train_tokenizer": {"vocab_size": 300}},
+        "data": {
+            "seq_len": 64,
+            "cache_dir": str(cpt_cache),
+            "sources": [
+                {"name": "prose", "path": "data/prose.jsonl"},
+                {"name": "qa", "path": "data/qa.jsonl",
+                 "template": "Question: {question}\nAnswer: {answer}"},
+            ],
+            "holdout": {"tokens": 500},
+        },
+        "train": {"steps": 2, "global_batch_size": 4, "micro_batch_size": 2,
+                  "checkpoint": {"every_steps": 1, "keep": 2}},
+        "output_dir": "runs/tiny",
+    }
+
+
+@pytest.fixture
+def write_recipe(tmp_path: Path) -> Callable[[dict[str, Any], str], Path]:
+    """write_recipe(recipe_dict, name="recipe.yaml") -> the YAML file in tmp_path."""
+
+    def write(recipe: dict[str, Any], name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
+    """cli("train", "recipe.yaml", ...) runs the real `cpt` app in-process from tmp_path and
+    returns click's Result (`output` holds stdout and stderr)."""
+    from typer.testing import CliRunner
+
+    from cpt_cli.cli import app
+
+    monkeypatch.chdir(tmp_path)  # a default runs/<name> lands in tmp_path, never in the repo
+    runner = CliRunner()
+
+    def invoke(*args: str) -> Any:
+        return runner.invoke(app, [str(a) for a in args])
+
+    return invoke
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory, quickstart_corpus: dict[str, Path],
+                   cpt_cache: Path) -> Path:
+    """A 300-token byte-level BPE (with BOS/EOS/PAD) saved to a folder: a `model.tokenizer` for
+    recipes whose sources change from test to test, so no test retrains a tokenizer."""
+    import json
+
+    from cpt_cli.config import TokenizerTrainConfig
+    from cpt_cli.tokenization import train_tokenizer
+
+    texts = [json.loads(line)["text"] for line in
+             quickstart_corpus["prose"].read_text().splitlines()]
+    tok = train_tokenizer(texts, TokenizerTrainConfig(vocab_size=300), cpt_cache,
+                          "tests-tiny-tokenizer")
+    folder = tmp_path_factory.mktemp("tokenizer")
+    tok.save_pretrained(str(folder))
+    return folder
