@@ -1,0 +1,129 @@
+"""Kills: `cpt train` SIGKILLed at random moments, ten times in a row, resumed each time with
+`--resume auto`, always resumes from the newest complete checkpoint and ends with the weights of a
+run never interrupted, bit for bit. A checkpoint is written every step, so many kills land while
+one is being written.
+
+Each launch pays Python's start and the imports of torch and transformers (about 5 s on 2 cores),
+so the whole test takes about a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_trainer import recipe_file, weights, write_sources
+
+from cpt_cli.config import load_recipe
+from cpt_cli.trainer import complete_checkpoints, train
+
+pytestmark = pytest.mark.slow
+
+KILLS = 10
+STEPS = 40
+CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json", "optimizer.pt",
+                    "scheduler.pt", "rng-0.pt", "trainer_state.json", "manifest.json")
+
+
+def _launch(recipe: Path, run_dir: Path, log: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    with open(log, "wb") as fh:
+        return subprocess.Popen([sys.executable, "-m", "cpt_cli", "train", str(recipe),
+                                 "--output-dir", str(run_dir), "--resume", "auto"],
+                                stdout=fh, stderr=subprocess.STDOUT, env=env)
+
+
+def _wait_for(log: Path, pattern: str, proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Wait until `pattern` appears in the log (True) or the process ends (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if re.search(pattern, log.read_text(errors="replace"), re.MULTILINE):
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.02)
+    raise AssertionError(f"no {pattern!r} in {timeout} s:\n{log.read_text()}")
+
+
+def _newest_step(run_dir: Path) -> int | None:
+    ckpts = complete_checkpoints(run_dir)
+    return int(ckpts[-1].name.split("-")[1]) if ckpts else None
+
+
+def _assert_complete(ckpt: Path) -> None:
+    """Every file present and readable: a step-N folder is never a partial write."""
+    for name in CHECKPOINT_FILES:
+        assert (ckpt / name).is_file(), f"{ckpt} lacks {name}"
+    load_file(str(ckpt / "model.safetensors"))
+    torch.load(ckpt / "optimizer.pt", weights_only=True)
+    torch.load(ckpt / "scheduler.pt", weights_only=True)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert ckpt.name == f"step-{state['step']:06d}"
+
+
+def test_sigkill_ten_times_then_resume_is_bit_exact(tmp_path: Path) -> None:
+    paths = write_sources(tmp_path / "data")
+    recipe = recipe_file(tmp_path, "killed", [{"name": "prose", "path": paths["prose"]},
+                                              {"name": "code", "path": paths["code"]}],
+                         train={"steps": STEPS, "checkpoint": {"every_steps": 1, "keep": 2},
+                                "schedule": {"name": "cosine", "warmup": 5}},
+                         eval={"every_steps": None})
+    # The uninterrupted run, in this process; it also fills the tokenization cache.
+    straight = train(load_recipe(recipe), output_dir=str(tmp_path / "straight"))
+
+    rng = random.Random(20261126)
+    run_dir = tmp_path / "run"
+    history: list[dict[str, Any]] = []
+    mid_write = 0
+    for attempt in range(KILLS):
+        expected = _newest_step(run_dir)
+        log = tmp_path / f"launch-{attempt}.log"
+        proc = _launch(recipe, run_dir, log)
+        if attempt % 4 == 3:
+            # Anywhere from the imports to the first steps.
+            time.sleep(rng.uniform(0.5, 8.0))
+        else:
+            # Somewhere in training: 1 to 4 steps after the resume point (so every such kill
+            # makes progress however loaded the machine is), then up to 0.3 s more, which on
+            # this tiny model often lands inside the next checkpoint's write.
+            target = (expected or 0) + rng.randint(1, 4)
+            assert _wait_for(log, rf"^step {target}\b", proc, timeout=120), log.read_text()
+            time.sleep(rng.uniform(0.0, 0.3))
+        assert proc.poll() is None, f"launch {attempt} finished before its kill:\n" \
+                                    f"{log.read_text()}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        text = log.read_text(errors="replace")
+        resumed = re.search(r"resuming at step (\d+)", text)
+        trained = [int(s) for s in re.findall(r"^step (\d+)", text, re.MULTILINE)]
+        if trained:  # it got as far as training: it must have started from the newest
+            assert (int(resumed.group(1)) if resumed else None) == expected, text
+        for ckpt in complete_checkpoints(run_dir):
+            _assert_complete(ckpt)
+        debris = list((run_dir / "checkpoints").glob(".tmp-*")) if run_dir.exists() else []
+        mid_write += bool(debris)
+        history.append({"resumed_from": expected, "last_step": max(trained, default=None),
+                        "newest_after": _newest_step(run_dir), "mid_write": bool(debris)})
+
+    last = tmp_path / "final.log"
+    proc = _launch(recipe, run_dir, last)
+    assert proc.wait(timeout=300) == 0, last.read_text()
+    assert re.search(rf"resuming at step {history[-1]['newest_after']}\b", last.read_text())
+    print(f"kills: {KILLS}, of which {mid_write} during a checkpoint write; {history}")
+
+    a, b = weights(straight.final_dir), weights(run_dir / "final")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert not list(run_dir.rglob(".tmp-*")) and not list(run_dir.rglob(".del-*"))
