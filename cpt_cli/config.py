@@ -2,11 +2,11 @@
 
     cpt train recipes/quickstart/cpt.yaml train.optimizer.lr=1e-4 data.seq_len=256
 
-OmegaConf reads the YAML, merges the dotted overrides and resolves interpolations; `build` then walks
-the schema below and collects *every* problem (unknown key with a did-you-mean, wrong type, bad
-value) before raising one `RecipeError`. Nothing after loading sees a `DictConfig`: defaults live here
-and only here. Every field carries a one-line docstring under it; `docs/recipe.md` is generated from
-them (`python -m cpt_cli.docgen`), and a test fails when that file is stale.
+OmegaConf reads the YAML, merges the dotted overrides and resolves interpolations; `build` then
+walks the schema below and collects *every* problem (unknown key with a did-you-mean, wrong type,
+bad value) before raising one `RecipeError`. Nothing after loading sees a `DictConfig`: defaults
+live here and only here. Every field carries a one-line docstring under it; `docs/recipe.md` is
+generated from them (`python -m cpt_cli.docgen`), and a test fails when that file is stale.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -32,13 +33,14 @@ class Size(int):
 
 _SUFFIXES = {"": 1, "k": 10**3, "K": 10**3, "m": 10**6, "M": 10**6, "b": 10**9, "B": 10**9,
              "G": 10**9, "g": 10**9, "t": 10**12, "T": 10**12}
+_SIZE_FORMS = "expected a whole number with an optional suffix k, M, B or T (100k, 50M, 2B)"
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?(?:[eE][0-9]+)?)\s*([kKmMbBgGtT]?)\s*$")
 
 
 def parse_size(value: Any) -> int:
     """`2B` -> 2_000_000_000. Raises ValueError naming the accepted forms."""
     if isinstance(value, bool):
-        raise ValueError("expected a size such as 100k, 50M or 2B")
+        raise ValueError(_SIZE_FORMS)
     if isinstance(value, int):
         return value
     if isinstance(value, float) and value.is_integer():
@@ -49,7 +51,7 @@ def parse_size(value: Any) -> int:
             number = float(match.group(1)) * _SUFFIXES[match.group(2)]
             if number.is_integer():
                 return int(number)
-    raise ValueError("expected a whole number with an optional suffix k, M, B or T (100k, 50M, 2B)")
+    raise ValueError(_SIZE_FORMS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,18 +351,29 @@ def recipe_from_config(config: Any, overrides: list[str] | tuple[str, ...] = (),
     problems: list[str] = []
     cfg = OmegaConf.create(config) if not OmegaConf.is_config(config) else config
     for item in overrides:
-        if "=" not in item:
+        if "=" not in item or not item.partition("=")[0].strip():
             problems.append(f"override {item!r}: write overrides as KEY=VALUE, e.g. "
                             "train.optimizer.lr=1e-4")
             continue
+        key, _, text = item.partition("=")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as err:
-            problems.append(f"override {item!r}: {err}")
+            # The value is parsed as YAML, as OmegaConf's dotlist does; `update` (not a merge of
+            # a dotlist) also reaches into lists: data.sources.0.weight=0.5.
+            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]),
+                                           resolve=False)["value"]
+            OmegaConf.update(cfg, key.strip(), value, merge=True, force_add=True)
+        except (OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError, KeyError,
+                IndexError) as err:
+            reason = " ".join(str(err).splitlines()[0].split()) or type(err).__name__
+            problems.append(f"override {item!r}: {reason}; write KEY=VALUE with a dotted key "
+                            "(list items by index: data.sources.0.weight=0.5)")
     try:
         plain = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as err:
-        raise RecipeError(f"{origin}: could not resolve an interpolation: {err}") from None
+        raise RecipeError(f"{origin}: could not resolve an interpolation: {err}\n"
+                          "An interpolation such as ${data.seq_len} refers to a key written in "
+                          "the recipe or an override; schema defaults are not visible to it."
+                          ) from None
     if not isinstance(plain, dict):
         raise RecipeError(f"{origin}: a recipe is a mapping")
     plain.setdefault("base_dir", str(base_dir))
@@ -438,11 +451,11 @@ def build(tp: Any, value: Any, path: str, problems: list[str],
                 built = build(hints[name], value[name], key, problems, failed)
                 if built is _FAILED:
                     failed.append(key)
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    if _required(f):
                         kwargs[name] = _placeholder(hints[name])
                     continue
                 kwargs[name] = built
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            elif _required(f):
                 problems.append(f"{key}: required ({_type_name(hints[name])})")
                 failed.append(key)
                 kwargs[name] = _placeholder(hints[name])
@@ -529,6 +542,10 @@ def build(tp: Any, value: Any, path: str, problems: list[str],
 _FAILED = object()
 
 
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
 def _placeholder(tp: Any) -> Any:
     """A stand-in for a required field that failed, so the cross-field checks can still run."""
     origin = typing.get_origin(tp)
@@ -573,8 +590,8 @@ def check_semantics(recipe: Recipe, problems: list[str]) -> None:
         for i, src in enumerate(sources):
             key = f"{group}[{i}]"
             if src.name in seen:
-                problems.append(f"{key}.name: {src.name!r} is used twice (also at {seen[src.name]}); "
-                                "source names must be unique")
+                problems.append(f"{key}.name: {src.name!r} is used twice (also at "
+                                f"{seen[src.name]}); source names must be unique")
             else:
                 seen[src.name] = key
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", src.name):
@@ -639,10 +656,10 @@ def check_semantics(recipe: Recipe, problems: list[str]) -> None:
     if (t.global_batch_tokens is None) == (t.global_batch_size is None):
         problems.append("train: set exactly one of train.global_batch_tokens (e.g. 1M) and "
                         "train.global_batch_size (sequences)")
-    if t.global_batch_tokens is not None and d.seq_len >= 2:
-        if t.global_batch_tokens <= 0 or t.global_batch_tokens % d.seq_len:
-            problems.append(f"train.global_batch_tokens: {t.global_batch_tokens} must be a "
-                            f"positive multiple of data.seq_len ({d.seq_len})")
+    if t.global_batch_tokens is not None and d.seq_len >= 2 and \
+            (t.global_batch_tokens <= 0 or t.global_batch_tokens % d.seq_len):
+        problems.append(f"train.global_batch_tokens: {t.global_batch_tokens} must be a "
+                        f"positive multiple of data.seq_len ({d.seq_len})")
     if t.global_batch_size is not None and t.global_batch_size <= 0:
         problems.append(f"train.global_batch_size: {t.global_batch_size} must be positive")
     if t.micro_batch_size <= 0:
