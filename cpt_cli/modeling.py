@@ -40,12 +40,18 @@ def check_model_path(recipe: Recipe) -> list[str]:
             return problems + [
                 f"model.path: {m.path!r} does not exist (looked for {location}); give a model "
                 "folder, a Hub id, or the final/ of a cpt run"]
+        if Path(location).is_file():
+            return problems + [f"model.path: {location} is a file; give the folder that holds "
+                               f"it ({Path(location).parent}), with config.json and the weights"]
         if Path(location).is_dir():
             config_file = Path(location) / "config.json"
             if not config_file.is_file():
+                # A cpt run directory instead of its final/: say which folder was meant.
+                hint = f"; did you mean {Path(m.path or '') / 'final'}?" if \
+                    (Path(location) / "final" / "config.json").is_file() else \
+                    "; give the folder that holds config.json and the weights"
                 return problems + [f"model.path: {location} has no config.json: not a Hugging "
-                                   "Face model folder; give the folder that holds config.json "
-                                   "and the weights"]
+                                   f"Face model folder{hint}"]
             try:
                 config = json.loads(config_file.read_text())
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -516,6 +516,9 @@ def _resume_point(run_dir: Path, resume: str | None, overwrite: bool) -> Path | 
             raise UsageError(f"--resume {resume}: not a complete cpt checkpoint (no "
                              "trainer_state.json); pass a checkpoints/step-N folder or 'auto'")
         return path
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"{run_dir} is a file, not a run directory; pick another --output-dir "
+                         "(or output_dir in the recipe)")
     exists = run_dir.exists() and any(run_dir.iterdir())
     if resume == "auto":
         # final/eval/report.json is the last file a run writes: with it the run is finished.

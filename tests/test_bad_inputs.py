@@ -98,6 +98,19 @@ def _no_config(recipe: dict[str, Any], tmp: Path) -> None:
     recipe["model"] = {"path": "weights"}
 
 
+def _run_directory_as_model(recipe: dict[str, Any], tmp: Path) -> None:
+    final = tmp / "old-runs" / "base" / "final"
+    final.mkdir(parents=True)
+    (final / "config.json").write_text(json.dumps({"model_type": "llama",
+                                                   "architectures": ["LlamaForCausalLM"]}))
+    recipe["model"] = {"path": "old-runs/base"}
+
+
+def _file_as_model(recipe: dict[str, Any], tmp: Path) -> None:
+    (tmp / "model.safetensors").write_bytes(b"")
+    recipe["model"] = {"path": "model.safetensors"}
+
+
 def _tokenizer_without_eos(recipe: dict[str, Any], tmp: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -255,6 +268,10 @@ RECIPE_CASES = [
     Case("model-path-not-causal-lm", _not_causal,
          ("model.path", "BertForSequenceClassification", "not a causal")),
     Case("model-path-without-config", _no_config, ("model.path", "no config.json")),
+    Case("model-path-is-a-run-directory", _run_directory_as_model,
+         ("model.path", "no config.json", "did you mean old-runs/base/final?")),
+    Case("model-path-is-a-file", _file_as_model,
+         ("model.path", "model.safetensors is a file", "give the folder")),
     Case("model-path-and-init", setting(model__path="somewhere"),
          ("model.path", "model.init", "exactly one")),
     Case("model-type-unknown", _unknown_model_type("llamma"),
@@ -538,15 +555,31 @@ def test_existing_run_directory_is_never_overwritten(cli: Any, tmp_path: Path,
     assert _snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("target", ["data", "nowhere", "data/qa.jsonl"])
-def test_resume_from_something_that_is_not_a_checkpoint(target: str, cli: Any, tmp_path: Path,
-                                                        tiny_recipe: dict,
-                                                        write_recipe: Any) -> None:
-    def mutate(recipe: dict[str, Any], tmp: Path) -> Setup:
-        return Setup(args=["--resume", str(tmp / target)])
+def _output_dir_is_a_file(recipe: dict[str, Any], tmp: Path) -> None:
+    (tmp / "results").write_text("not a folder")
+    recipe["output_dir"] = "results"
 
-    out = run_bad(cli, tmp_path, tiny_recipe, write_recipe, mutate, "train")
-    assert "--resume" in out and "not a complete cpt checkpoint" in out and "auto" in out, out
+
+TRAIN_CASES = [
+    Case("resume-from-a-folder", _args("--resume", "data"),
+         ("--resume data", "not a complete cpt checkpoint", "'auto'")),
+    Case("resume-from-nowhere", _args("--resume", "nowhere"),
+         ("--resume nowhere", "not a complete cpt checkpoint")),
+    Case("resume-from-a-file", _args("--resume", "data/qa.jsonl"),
+         ("--resume data/qa.jsonl", "not a complete cpt checkpoint")),
+    Case("output-dir-is-a-file", _output_dir_is_a_file,
+         ("results is a file", "--output-dir")),
+    Case("output-dir-option-is-a-file", _args("--output-dir", "data/qa.jsonl"),
+         ("data/qa.jsonl is a file", "--output-dir")),
+]
+
+
+@pytest.mark.parametrize("case", TRAIN_CASES, ids=[c.id for c in TRAIN_CASES])
+def test_bad_train_options(case: Case, cli: Any, tmp_path: Path, tiny_recipe: dict,
+                           write_recipe: Any) -> None:
+    out = run_bad(cli, tmp_path, tiny_recipe, write_recipe, case.mutate, "train")
+    for phrase in case.expect:
+        assert phrase in out, f"{phrase!r} not in:\n{out}"
 
 
 @pytest.mark.parametrize("args, expect", [
