@@ -405,7 +405,9 @@ def _type_name(tp: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        item = typing.get_args(tp)[0]
+        return "a list of mappings" if dataclasses.is_dataclass(item) else \
+            f"a list of {_type_name(item)}"
     if origin is dict:
         return "a mapping"
     if dataclasses.is_dataclass(tp):

@@ -38,8 +38,9 @@ def check_model_path(recipe: Recipe) -> list[str]:
     if location is not None:
         if _looks_local(location) and not Path(location).exists():
             return problems + [
-                f"model.path: {m.path!r} does not exist (looked for {location}); give a model "
-                "folder, a Hub id, or the final/ of a cpt run"]
+                f"model.path: {m.path!r} does not exist (looked for "
+                f"{resolve_path(recipe, m.path or '')}); give a model folder, a Hub id, or the "
+                "final/ of a cpt run"]
         if Path(location).is_file():
             return problems + [f"model.path: {location} is a file; give the folder that holds "
                                f"it ({Path(location).parent}), with config.json and the weights"]

@@ -142,7 +142,8 @@ def resolve_tokenizer(recipe: Recipe, cache_dir: Path) -> PreTrainedTokenizerBas
                                hashlib.sha256("|".join(fps).encode()).hexdigest())
     location = model_location(recipe)
     assert location is not None
-    return load_tokenizer(location, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    return load_tokenizer(location, revision=m.revision, trust_remote_code=m.trust_remote_code,
+                          key="model.path")
 
 
 def _carve_holdout(domain: Domain, budget: int) -> np.ndarray:
@@ -225,6 +226,7 @@ def prepare_data(recipe: Recipe, *, progress: Progress | None = None,
                                  pool_tokens=max(budget, DEFAULT_POOL_TOKENS), progress=report)
         entry = d.entry
         all_docs = np.arange(entry.num_documents, dtype=np.int64)
+        too_large = False  # reported once: an empty training set follows from it
         if d.name in recorded:
             d.heldout = read_heldout(recorded[d.name].heldout_file)
             _count_tokens(tokenizer, d.heldout)
@@ -236,12 +238,13 @@ def prepare_data(recipe: Recipe, *, progress: Progress | None = None,
             held_idx = _carve_holdout(d, budget)
             held_tokens = int(entry.lengths()[held_idx].sum()) if len(held_idx) else 0
             if held_tokens > recipe.data.holdout.max_fraction * entry.num_tokens:
+                too_large = True
                 problems.append(
                     f"source {d.name!r}: the holdout ({held_tokens:,} tokens) is more than "
                     f"{recipe.data.holdout.max_fraction:.0%} of the source ({entry.num_tokens:,} "
-                    "tokens). Lower data.holdout.tokens or add data.")
+                    f"tokens). Lower data.holdout.tokens (now {budget:,}) or add data.")
             d.train_docs = np.setdiff1d(all_docs, held_idx)
-        if len(d.train_docs) == 0:
+        if len(d.train_docs) == 0 and not too_large:
             problems.append(f"source {d.name!r}: no documents left for training after the "
                             "holdout; lower data.holdout.tokens or add data.")
         buffer = recipe.data.replay.buffer_tokens

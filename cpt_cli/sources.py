@@ -99,8 +99,8 @@ def _text_of(source: SourceConfig, record: Any, where: str) -> str:
     if text is None:
         return ""
     if not isinstance(text, str):
-        raise ValueError(f"{where}: field {source.text_field!r} holds a {type(text).__name__}, "
-                         "not text")
+        raise ValueError(f"{where}: field {source.text_field!r} holds a value of type "
+                         f"{type(text).__name__}, not text")
     return text
 
 
@@ -196,7 +196,7 @@ def _records_plain(path: Path, shown: str) -> Iterator[tuple[str, Any]]:
         raw = fh.read()
     if b"\x00" in raw[:_BINARY_PROBE]:
         yield str(path), ValueError(f"{path}: binary file (NUL bytes) inside a text source; "
-                                    "narrow the glob or set on_error: skip")
+                                    "narrow the glob")
         return
     try:
         yield str(path), PlainFile(shown, raw.decode("utf-8"))
@@ -275,8 +275,8 @@ def read_documents(source: SourceConfig, base_dir: str | Path,
                 if source.on_error == "skip":
                     stats.skipped[_reason(str(err))] += 1
                     continue
-                raise DataError(f"source {source.name!r}: {err}. To skip bad records instead, "
-                                f"set on_error: skip on this source.") from None
+                raise DataError(f"source {source.name!r}: {str(err).rstrip('.')}. To skip bad "
+                                "records instead, set on_error: skip on this source.") from None
             if len(text) < max(source.min_chars, 1) or not text.strip():
                 stats.skipped["empty" if not text.strip() else "shorter than min_chars"] += 1
                 continue

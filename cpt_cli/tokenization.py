@@ -23,26 +23,32 @@ SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "
 
 
 def load_tokenizer(name_or_path: str, *, revision: str | None = None,
-                   trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """A fast tokenizer with an EOS token (cpt joins documents with it)."""
+                   trust_remote_code: bool = False, key: str = "model.tokenizer"
+                   ) -> PreTrainedTokenizerBase:
+    """A fast tokenizer with an EOS token (cpt joins documents with it). `key` is the recipe key
+    that named it, for the messages."""
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision,
                                             trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise UsageError(f"could not load a tokenizer from {name_or_path!r}: {err}. Pass a "
-                         "folder with tokenizer files, a Hub id, or set model.tokenizer.") from None
-    check_tokenizer(tok, name_or_path)
+    except Exception as err:  # noqa: BLE001 - a damaged tokenizer.json raises a bare Exception
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise UsageError(f"{key}: could not load a tokenizer from {name_or_path!r}: {reason}. "
+                         "Give a folder with tokenizer files (tokenizer.json) or a Hub id, or "
+                         "set model.tokenizer.") from None
+    check_tokenizer(tok, name_or_path, key)
     return tok
 
 
-def check_tokenizer(tok: PreTrainedTokenizerBase, where: str) -> None:
+def check_tokenizer(tok: PreTrainedTokenizerBase, where: str, key: str = "model.tokenizer"
+                    ) -> None:
     if not getattr(tok, "is_fast", False):
-        raise UsageError(f"tokenizer of {where!r} is not a fast (Rust) tokenizer; cpt needs one "
-                         "for cached tokenization. Convert it or pick another tokenizer.")
+        raise UsageError(f"{key}: the tokenizer in {where!r} is not a fast (Rust) tokenizer; cpt "
+                         "needs one for cached tokenization. Convert it or pick another "
+                         "tokenizer.")
     if tok.eos_token_id is None:
-        raise UsageError(f"tokenizer of {where!r} has no EOS token; cpt separates packed "
-                         "documents with it. Set one (tokenizer.eos_token) and save it, or use "
-                         "another tokenizer.")
+        raise UsageError(f"{key}: the tokenizer in {where!r} has no EOS token; cpt separates "
+                         "packed documents with it. Set one (tokenizer.eos_token) and save it, "
+                         "or use another tokenizer.")
 
 
 def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:

@@ -126,6 +126,13 @@ def _tokenizer_without_eos(recipe: dict[str, Any], tmp: Path) -> None:
     recipe["model"]["tokenizer"] = "tok-no-eos"
 
 
+def _damaged_tokenizer(recipe: dict[str, Any], tmp: Path) -> None:
+    (tmp / "tok").mkdir()
+    (tmp / "tok" / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"')
+    recipe["model"].pop("train_tokenizer")
+    recipe["model"]["tokenizer"] = "tok"
+
+
 def _empty_source(recipe: dict[str, Any], tmp: Path) -> None:
     (tmp / "data" / "empty.jsonl").write_text("")
     recipe["data"]["sources"][0]["path"] = "data/empty.jsonl"
@@ -241,11 +248,14 @@ RECIPE_CASES = [
     Case("only-blank-documents", _blank_documents, ("'prose'", "no documents", "10 empty")),
     Case("seq-len-above-context", setting(data__seq_len=256),
          ("data.seq_len", "256", "128", "lower data.seq_len")),
-    Case("tokenizer-without-eos", _tokenizer_without_eos, ("no EOS", "eos_token")),
+    Case("tokenizer-without-eos", _tokenizer_without_eos,
+         ("model.tokenizer", "tok-no-eos", "no EOS", "eos_token")),
+    Case("tokenizer-damaged", _damaged_tokenizer,
+         ("model.tokenizer", "could not load a tokenizer", "tokenizer.json")),
     Case("tokenizer-missing", _tokenizer_missing,
          ("model.tokenizer", "no-such-tokenizer", "does not exist")),
     Case("holdout-larger-than-source", setting(data__holdout__tokens="1M"),
-         ("holdout", "data.holdout.tokens")),
+         ("holdout", "data.holdout.tokens (now 1,000,000)")),
     Case("impossible-budget-under-max-epochs", setting(train__steps=5000, data__max_epochs=1),
          ("max_epochs", "epochs")),
     Case("bad-size-suffix", setting(data__holdout__tokens="10X"),
@@ -262,7 +272,7 @@ RECIPE_CASES = [
     Case("neither-steps-nor-tokens", _without("train.steps"),
          ("train.tokens", "train.steps", "exactly one")),
     Case("model-path-missing", _model_path("./no-such-model"),
-         ("model.path", "no-such-model", "does not exist")),
+         ("model.path", "'./no-such-model' does not exist", "looked for /")),
     Case("model-path-missing-nested", _model_path("models/old/final"),
          ("model.path", "models/old/final", "does not exist")),
     Case("model-path-not-causal-lm", _not_causal,
