@@ -67,13 +67,13 @@ class PackedLoader:
 
     def step_label_tokens(self, step: int) -> int:
         """Targets in the whole global batch of `step`, all processes (for loss normalization);
-        computed from the plan, so no communication is needed."""
+        computed from the plan and the packing, without building the other processes'
+        sequences and without communication."""
         total = 0
-        for a in range(self.accum):
-            for p in range(self.P):
-                for i in self.sequence_indices(step, a, p):
-                    k, j = self.plan.locate(i)
-                    total += int((self.streams[k].sequence(j).labels[1:] != -100).sum())
+        first = step * self.global_batch
+        for i in range(first, first + self.global_batch):
+            k, j = self.plan.locate(i)
+            total += self.streams[k].label_tokens(j)
         return total
 
     def iter_steps(self, start_step: int = 0) -> Iterator[tuple[int, list[MicroBatch]]]:

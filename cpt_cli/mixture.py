@@ -40,6 +40,8 @@ class Stream(Protocol):
 
     def sequence(self, index: int) -> Any: ...
 
+    def label_tokens(self, index: int) -> int: ...
+
 
 @dataclass
 class PlanSource:

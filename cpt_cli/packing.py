@@ -13,8 +13,8 @@ None, transformers turns restarted positions into a block-diagonal causal mask (
 
 from __future__ import annotations
 
-import bisect
 import hashlib
+import heapq
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,6 +66,10 @@ class ConcatStream:
             self._epochs[epoch] = (order, ends)
         return self._epochs[epoch]
 
+    def label_tokens(self, index: int) -> int:
+        """Loss targets of any sequence: all tokens but the first (labels shift by one)."""
+        return self.seq_len - 1
+
     def dropped_tokens(self, sequences: int) -> int:
         """Tokens never trained when the run takes `sequences` sequences: the rest of the
         document (with its EOS) that the end of the last sequence cuts."""
@@ -110,9 +114,74 @@ class ConcatStream:
         return PackedSequence(out, out.copy(), pos, starts, [] if starts[:1] == [0] else [0])
 
 
+def best_fit_decreasing(sizes: np.ndarray, capacity: int) -> tuple[np.ndarray, int]:
+    """Bin of each item (sizes in decreasing order, each <= capacity) under best fit: the open bin
+    with the least room that still fits, the lowest-numbered on ties, else a new bin.
+
+    Bins are kept by their room left (a Fenwick tree of counts over 1..capacity finds the
+    smallest room >= size in O(log capacity)), so packing a million chunks takes seconds, not
+    the hours a sorted list of bins would take. The result depends on the sizes only.
+    """
+    tree = [0] * (capacity + 1)  # Fenwick tree: open bins per room left
+    by_room: dict[int, list[int]] = {}
+    top = 1 << capacity.bit_length()
+    out = np.empty(len(sizes), dtype=np.int64)
+    n_bins = 0
+    for p, size in enumerate(sizes.tolist()):
+        # Open bins with room < size: the prefix count up to size - 1.
+        below, i = 0, size - 1
+        while i > 0:
+            below += tree[i]
+            i -= i & -i
+        # The smallest room whose prefix count exceeds `below` (binary lifting), if any.
+        room, seen, step = 0, 0, top
+        while step:
+            nxt = room + step
+            if nxt <= capacity and seen + tree[nxt] <= below:
+                room, seen = nxt, seen + tree[nxt]
+            step >>= 1
+        room += 1
+        if room <= capacity:
+            b = heapq.heappop(by_room[room])
+            i = room
+            while i <= capacity:
+                tree[i] -= 1
+                i += i & -i
+        else:
+            b, room = n_bins, capacity
+            n_bins += 1
+        out[p] = b
+        left = room - size
+        if left > 0:
+            heapq.heappush(by_room.setdefault(left, []), b)
+            i = left
+            while i <= capacity:
+                tree[i] += 1
+                i += i & -i
+    return out, n_bins
+
+
+@dataclass
+class _Epoch:
+    """One epoch of best_fit bins as flat arrays: bin `order[i]` is the i-th sequence, and holds
+    chunks ptr[bin]:ptr[bin + 1] of (doc, start, length)."""
+
+    doc: np.ndarray
+    start: np.ndarray
+    length: np.ndarray
+    ptr: np.ndarray
+    order: np.ndarray
+
+
 class BestFitStream:
-    """Whole documents packed into `seq_len` bins by best-fit-decreasing, padded; one epoch's bins
-    are built when first needed and visited in a seeded random order."""
+    """Whole documents packed into `seq_len` bins by best-fit-decreasing, padded.
+
+    Documents longer than `seq_len` (EOS included) are cut into `seq_len` chunks first. Best fit
+    sees sizes only, so the bins are computed once: every epoch has the same number of bins,
+    filled alike; an epoch only draws which documents of each size take which places (from its
+    shuffle) and the order the bins are visited in. Any sequence of any epoch is then one
+    divmod away, and resuming at epoch 900 builds epoch 900 alone.
+    """
 
     def __init__(self, name: str, tokens: np.ndarray, offsets: np.ndarray, doc_ids: np.ndarray,
                  eos_id: int, pad_id: int, seq_len: int, seed: int) -> None:
@@ -120,63 +189,65 @@ class BestFitStream:
         self.doc_ids = np.asarray(doc_ids, dtype=np.int64)
         self.eos_id, self.pad_id, self.seq_len, self.seed = eos_id, pad_id, seq_len, seed
         self.lengths = offsets[1:] - offsets[:-1]
-        self._epochs: dict[int, list[list[tuple[int, int, int]]]] = {}
-        self._counts: list[int] = []  # bins per epoch, for epochs built so far
+        _, _, sizes = self._chunks(self.doc_ids)
+        self._sizes = np.sort(sizes)[::-1]
+        self._bin_of_slot, self.n_bins = best_fit_decreasing(self._sizes, seq_len)
+        self._epochs: dict[int, _Epoch] = {}
 
-    def _bins(self, epoch: int) -> list[list[tuple[int, int, int]]]:
+    def _chunks(self, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(doc, start, length) of every chunk, documents in the given order, each document's
+        chunks in text order; the last chunk of a document carries its EOS."""
+        L = self.seq_len
+        n = self.lengths[docs] + 1
+        per_doc = (n + L - 1) // L
+        doc = np.repeat(docs, per_doc)
+        first = np.repeat(np.cumsum(per_doc) - per_doc, per_doc)
+        start = (np.arange(len(doc), dtype=np.int64) - first) * L
+        length = np.minimum(L, np.repeat(n, per_doc) - start)
+        return doc, start, length
+
+    def _epoch(self, epoch: int) -> _Epoch:
         if epoch not in self._epochs:
-            if len(self._epochs) > 2:
+            if len(self._epochs) > 2:  # a loader moves forward: two epochs in memory suffice
                 self._epochs.pop(min(self._epochs))
             rng = np.random.default_rng(epoch_seed(self.seed, self.name, epoch))
-            L = self.seq_len
-            chunks: list[tuple[int, int, int]] = []  # (doc, start, length incl. EOS if last)
-            for doc in rng.permutation(self.doc_ids):
-                n = int(self.lengths[doc]) + 1
-                for start in range(0, n, L):
-                    chunks.append((int(doc), start, min(L, n - start)))
-            chunks.sort(key=lambda c: -c[2])  # stable: ties keep the shuffled order
-            free: list[tuple[int, int]] = []  # (space left, bin index), sorted
-            bins: list[list[tuple[int, int, int]]] = []
-            for chunk in chunks:
-                i = bisect.bisect_left(free, (chunk[2], -1))
-                if i < len(free):
-                    space, b = free.pop(i)
-                else:
-                    space, b = L, len(bins)
-                    bins.append([])
-                bins[b].append(chunk)
-                if space - chunk[2] > 0:
-                    bisect.insort(free, (space - chunk[2], b))
-            order = rng.permutation(len(bins))
-            self._epochs[epoch] = [bins[i] for i in order]
-            while len(self._counts) <= epoch:
-                self._counts.append(-1)
-            self._counts[epoch] = len(bins)
+            doc, start, length = self._chunks(rng.permutation(self.doc_ids))
+            # Best fit takes chunks longest first; ties keep the shuffled order (stable sort).
+            slot = np.empty(len(doc), dtype=np.int64)
+            slot[np.argsort(-length, kind="stable")] = np.arange(len(doc))
+            bins = self._bin_of_slot[slot]
+            grouped = np.lexsort((slot, bins))  # by bin, then in the order best fit placed them
+            ptr = np.concatenate([[0], np.cumsum(np.bincount(bins, minlength=self.n_bins))])
+            self._epochs[epoch] = _Epoch(doc[grouped], start[grouped], length[grouped], ptr,
+                                         rng.permutation(self.n_bins))
         return self._epochs[epoch]
 
     @property
     def sequences_per_epoch(self) -> float:
-        return float(len(self._bins(0)))
+        return float(self.n_bins)
 
     def dropped_tokens(self, sequences: int) -> int:
         """Whole documents in every bin: nothing is cut, nothing dropped."""
         return 0
 
     def padding_fraction(self) -> float:
-        """Padding over the bins of one epoch (the next epochs pack about as tightly)."""
-        bins = self._bins(0)
-        used = sum(c[2] for b in bins for c in b)
-        return 1.0 - used / (len(bins) * self.seq_len) if bins else 0.0
+        """Padding over the bins (the same in every epoch)."""
+        return 1.0 - int(self._sizes.sum()) / (self.n_bins * self.seq_len) if self.n_bins else 0.0
+
+    def _bin(self, index: int) -> tuple[_Epoch, int, int]:
+        epoch, i = divmod(index, self.n_bins)
+        e = self._epoch(epoch)
+        b = int(e.order[i])
+        return e, int(e.ptr[b]), int(e.ptr[b + 1])
+
+    def label_tokens(self, index: int) -> int:
+        """Loss targets of sequence `index` without building it: its tokens minus the first
+        (the model shifts labels by one); padding has none."""
+        e, a, b = self._bin(index)
+        return int(e.length[a:b].sum()) - 1
 
     def sequence(self, index: int) -> PackedSequence:
-        epoch = 0
-        while True:
-            n = len(self._bins(epoch)) if (epoch >= len(self._counts) or self._counts[epoch] < 0) \
-                else self._counts[epoch]
-            if index < n:
-                break
-            index -= n
-            epoch += 1
+        e, first, last = self._bin(index)
         L = self.seq_len
         out = np.full(L, self.pad_id, dtype=np.int64)
         labels = np.full(L, PAD_LABEL, dtype=np.int64)
@@ -184,7 +255,8 @@ class BestFitStream:
         starts: list[int] = []
         continued: list[int] = []
         filled = 0
-        for doc, start, length in self._bins(epoch)[index]:
+        for doc, start, length in zip(e.doc[first:last].tolist(), e.start[first:last].tolist(),
+                                      e.length[first:last].tolist(), strict=True):
             a, b = int(self.offsets[doc]), int(self.offsets[doc + 1])
             n_text = max(0, min(length, b - a - start))
             out[filled:filled + n_text] = self.tokens[a + start:a + start + n_text]

@@ -201,3 +201,11 @@ def test_best_fit_marks_chunks_of_long_documents_as_continued() -> None:
     chunks_after_first = sum(length // L for length in LENGTHS)
     assert continued == chunks_after_first > 0
     assert all(stream.dropped_tokens(c) == 0 for c in range(3 * n))
+
+
+@pytest.mark.parametrize("kind", ["concat", "best_fit"])
+def test_label_tokens_without_building_the_sequence(kind: str) -> None:
+    stream = concat_stream() if kind == "concat" else best_fit_stream()
+    for i in range(int(2.5 * stream.sequences_per_epoch)):
+        # The model shifts labels by one: position 0 is never a target, padding never is.
+        assert stream.label_tokens(i) == int((stream.sequence(i).labels[1:] != PAD_LABEL).sum())
