@@ -625,6 +625,12 @@ def check_semantics(recipe: Recipe, problems: list[str]) -> None:
                     elif any(f == "" or f.isdigit() for f in fields):
                         problems.append(f"{key}.template: use named placeholders like "
                                         "{question}, not {} or {0}")
+                    elif any("." in f or "[" in f for f in fields):
+                        # {a.__class__} would reach into Python objects: only plain names.
+                        bad = next(f for f in fields if "." in f or "[" in f)
+                        problems.append(f"{key}.template: {{{bad}}} is not a plain field name; "
+                                        "attribute and index access are not supported, use "
+                                        "{field}")
             if src.hf is not None and src.hf.streaming and src.hf.max_documents is None:
                 problems.append(f"{key}.hf.max_documents: required with streaming: true, so the "
                                 "cache stays bounded (e.g. 200000)")

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -29,6 +30,14 @@ def check_model_path(recipe: Recipe) -> list[str]:
         problems.append(f"model.tokenizer: {m.tokenizer!r} does not exist (looked for "
                         f"{resolve_path(recipe, m.tokenizer)}); give a folder with tokenizer "
                         "files or a Hub id")
+    attn = m.attn_implementation
+    # Registered backends, plus "eager" and Hub kernels ("org/repo"), as transformers accepts.
+    known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    if attn is not None and attn not in known and "/" not in attn:
+        close = difflib.get_close_matches(attn, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(f"model.attn_implementation: {attn!r} is not an attention backend; use "
+                        f"one of {', '.join(known)}{hint}, or leave it unset")
     config: dict[str, Any] | None = None
     where = "model.path"
     if m.init is not None:

@@ -206,6 +206,13 @@ def prepare_data(recipe: Recipe, *, progress: Progress | None = None,
     if model_problems:
         raise RecipeError("the recipe's model cannot be used:", model_problems)
     cache_dir = cache_dir_for(recipe)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        key = "data.cache_dir" if recipe.data.cache_dir else "$CPT_CACHE"
+        reason = "it is a file" if cache_dir.is_file() else err.strerror or str(err)
+        raise UsageError(f"{key}: cannot use {cache_dir} as the tokenization cache ({reason}); "
+                         f"point {key} at a writable folder") from None
     if lineage is None and recipe.model.path is not None:
         location = model_location(recipe)
         lineage = read_lineage(location) if location and Path(location).is_dir() else None

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -116,7 +117,8 @@ def _records_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             if not raw.strip():
                 continue
             try:
-                line = raw.decode("utf-8")
+                # A byte-order mark on the first line is common in files saved on Windows.
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as err:
                 yield where, ValueError(f"{where}: not valid UTF-8 ({err.reason} at byte "
                                         f"{err.start})")
@@ -260,7 +262,8 @@ def read_documents(source: SourceConfig, base_dir: str | Path,
     if source.hf is not None:
         streams = [_hf_records(source, base_dir)]
     else:
-        streams = [_file_records(p, _relative(p, base_dir)) for p in expand_paths(source, base_dir)]
+        streams = [_readable(source.name, p, _file_records(p, _relative(p, base_dir)))
+                   for p in expand_paths(source, base_dir)]
     for records in streams:
         for where, record in records:
             try:
@@ -282,6 +285,17 @@ def read_documents(source: SourceConfig, base_dir: str | Path,
                 continue
             stats.documents += 1
             yield text
+
+
+def _readable(name: str, path: Path, records: Iterator[tuple[str, Any]]
+              ) -> Iterator[tuple[str, Any]]:
+    """A file that fails while being read (a damaged .gz, a permission, an I/O error) is a
+    DataError naming it: the whole file is unreadable, so on_error: skip does not apply."""
+    try:
+        yield from records
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"source {name!r}: {path} could not be read ({type(err).__name__}: "
+                        f"{err}). Fix or remove the file, or narrow the source's path.") from None
 
 
 def _relative(path: Path, base_dir: str | Path) -> str:

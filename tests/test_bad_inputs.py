@@ -133,6 +133,11 @@ def _damaged_tokenizer(recipe: dict[str, Any], tmp: Path) -> None:
     recipe["model"]["tokenizer"] = "tok"
 
 
+def _cache_dir_is_a_file(recipe: dict[str, Any], tmp: Path) -> None:
+    (tmp / "cache.bin").write_bytes(b"")
+    recipe["data"]["cache_dir"] = "cache.bin"
+
+
 def _empty_source(recipe: dict[str, Any], tmp: Path) -> None:
     (tmp / "data" / "empty.jsonl").write_text("")
     recipe["data"]["sources"][0]["path"] = "data/empty.jsonl"
@@ -292,6 +297,10 @@ RECIPE_CASES = [
          ("model.init.config", "hidden_size", "'wide'")),
     Case("launch-no-processes", setting(launch={"num_processes": 0}),
          ("launch.num_processes", "at least 1")),
+    Case("attention-backend-unknown", setting(model__attn_implementation="flash_attention_9"),
+         ("model.attn_implementation", "'flash_attention_9'", "sdpa")),
+    Case("cache-dir-is-a-file", _cache_dir_is_a_file,
+         ("data.cache_dir", "cache.bin", "it is a file")),
     Case("vocab-too-small", setting(model__train_tokenizer__vocab_size=100),
          ("model.train_tokenizer.vocab_size", "260")),
     Case("invalid-yaml", _invalid_yaml, ("broken.yaml", "not valid YAML")),
@@ -317,6 +326,9 @@ RECIPE_CASES = [
          ("'qa'", "qa.jsonl:1", "'quest'", "question", "on_error: skip")),
     Case("template-not-format-string", setting(data__sources__1__template="Q: {question"),
          ("data.sources[1].template", "format string")),
+    Case("template-attribute-access",
+         setting(data__sources__1__template="Q: {question.__class__}"),
+         ("data.sources[1].template", "{question.__class__}", "plain field name")),
     Case("template-positional", setting(data__sources__1__template="Q: {}"),
          ("data.sources[1].template", "named placeholders")),
     Case("global-batch-tokens-not-multiple", _global_tokens,
@@ -531,17 +543,53 @@ def test_empty_documents_are_counted_not_silent(cli: Any, tmp_path: Path, tiny_r
     assert prose["documents"] + prose["heldout_documents"] == 60
 
 
-def test_file_level_errors_are_not_skipped(cli: Any, tmp_path: Path, tiny_recipe: dict,
-                                           write_recipe: Any, tiny_tokenizer: Path) -> None:
-    """A whole file that cannot be read (a broken .json, a broken .parquet) stops the run even
+def _truncated_gzip() -> bytes:
+    import gzip
+
+    whole = gzip.compress(b'{"text": "a document"}\n' * 2000)
+    return whole[:len(whole) // 2]
+
+
+FILE_CASES = [
+    ("broken.parquet", b"PAR1 but not really a parquet file", ("broken.parquet", "Parquet")),
+    ("broken.json", b'{"records": [1, 2], "more": [3]}', ("broken.json", "list of records")),
+    ("broken.jsonl.gz", b"plain bytes, not gzip", ("broken.jsonl.gz", "could not be read",
+                                                   "BadGzipFile")),
+    ("cut.jsonl.gz", _truncated_gzip(), ("cut.jsonl.gz", "could not be read")),
+]
+
+
+@pytest.mark.parametrize("case", FILE_CASES, ids=[c[0] for c in FILE_CASES])
+def test_file_level_errors_are_not_skipped(case: tuple, cli: Any, tmp_path: Path,
+                                           tiny_recipe: dict, write_recipe: Any,
+                                           tiny_tokenizer: Path) -> None:
+    """A whole file that cannot be read (a broken .parquet, .json or .gz) stops the run even
     with on_error: skip: skipping it would silently drop a whole file of the corpus."""
+    name, content, expect = case
+
     def mutate(recipe: dict[str, Any], tmp: Path) -> None:
         _data_recipe(recipe, tiny_tokenizer)
-        (tmp / "data" / "broken.parquet").write_bytes(b"PAR1 but not really a parquet file")
-        recipe["data"]["sources"][0].update(path="data/broken.parquet", on_error="skip")
+        (tmp / "data" / name).write_bytes(content)
+        recipe["data"]["sources"][0].update(path=f"data/{name}", on_error="skip")
 
     out = run_bad(cli, tmp_path, tiny_recipe, write_recipe, mutate, "inspect")
-    assert "broken.parquet" in out and "Parquet" in out, out
+    for phrase in expect:
+        assert phrase in out, f"{phrase!r} not in:\n{out}"
+
+
+def test_a_byte_order_mark_is_not_an_error(cli: Any, tmp_path: Path, tiny_recipe: dict,
+                                           write_recipe: Any, tiny_tokenizer: Path,
+                                           quickstart_corpus: dict[str, Path]) -> None:
+    """JSON Lines saved with a UTF-8 byte-order mark (Windows editors) read as usual."""
+    _data_recipe(tiny_recipe, tiny_tokenizer)
+    lines = _good_lines(quickstart_corpus)
+    (tmp_path / "data" / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")
+    tiny_recipe["data"]["sources"][0]["path"] = "data/bom.jsonl"
+    result = cli("mix", "inspect", write_recipe(tiny_recipe), "--json")
+    assert result.exit_code == 0, result.output
+    prose = json.loads(result.stdout)["sources"][0]
+    assert prose["skipped"] == {}
+    assert prose["documents"] + prose["heldout_documents"] == len(lines)
 
 
 # --------------------------------------------------------------------------------------------

@@ -373,3 +373,23 @@ def test_quickstart_recipes_load() -> None:
         recipe = load_recipe(path)
         assert recipe.name.startswith("quickstart-"), path
         assert Path(recipe.base_dir) == path.parent.resolve()
+
+
+@pytest.mark.parametrize("template, ok", [
+    ("Question: {question}\nAnswer: {answer}", True),
+    ("{first-name} {score:>5} {title!r}", True),   # any record key; format specs and conversions
+    ("{question.__class__}", False),               # attribute access reaches Python objects
+    ("{answers[0]}", False),
+    ("{}", False),
+    ("{0}", False),
+    ("no placeholder", False),
+    ("{unclosed", False),
+])
+def test_templates(template: str, ok: bool) -> None:
+    config = minimal()
+    config["data"]["sources"][0]["template"] = template
+    if ok:
+        assert recipe_from_config(config).data.sources[0].template == template
+    else:
+        (problem,) = problems_of(config)
+        assert problem.startswith("data.sources[0].template:")
