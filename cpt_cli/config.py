@@ -720,6 +720,11 @@ def check_semantics(recipe: Recipe, problems: list[str]) -> None:
         problems.append(f"eval.bootstrap_samples: {e.bootstrap_samples} must be 0 or more")
     if recipe.launch.num_processes < 1:
         problems.append(f"launch.num_processes: {recipe.launch.num_processes} must be at least 1")
+    accelerate_config = recipe.launch.accelerate_config
+    if accelerate_config is not None and not resolve_path(recipe, accelerate_config).is_file():
+        problems.append(f"launch.accelerate_config: {accelerate_config!r} is not a file (looked "
+                        f"for {resolve_path(recipe, accelerate_config)}); give an accelerate "
+                        "config file (`accelerate config` writes one), relative to the recipe")
 
 
 def to_plain(obj: Any) -> Any:

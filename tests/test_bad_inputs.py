@@ -295,6 +295,8 @@ RECIPE_CASES = [
          ("model.init.config.model_type", "'t5'", "causal")),
     Case("model-init-config-bad-field", setting(model__init__config__hidden_size="wide"),
          ("model.init.config", "hidden_size", "'wide'")),
+    Case("accelerate-config-missing", setting(launch={"accelerate_config": "fsdp.yaml"}),
+         ("launch.accelerate_config", "'fsdp.yaml' is not a file", "relative to the recipe")),
     Case("launch-no-processes", setting(launch={"num_processes": 0}),
          ("launch.num_processes", "at least 1")),
     Case("attention-backend-unknown", setting(model__attn_implementation="flash_attention_9"),

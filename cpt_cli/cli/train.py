@@ -31,7 +31,7 @@ def train(
     """Prepare the data, evaluate the start model, train, checkpoint, and print the forgetting
     table."""
     from cpt_cli import render
-    from cpt_cli.config import load_recipe
+    from cpt_cli.config import load_recipe, resolve_path
     from cpt_cli.launch import already_launched, relaunch
     from cpt_cli.trainer import train as train_stage
 
@@ -39,7 +39,9 @@ def train(
         loaded = load_recipe(recipe, overrides or [])
         procs = num_processes or loaded.launch.num_processes
         if not already_launched() and (procs > 1 or loaded.launch.accelerate_config):
-            return relaunch(procs, loaded.launch.accelerate_config, sys.argv[1:])
+            config_file = loaded.launch.accelerate_config
+            return relaunch(procs, str(resolve_path(loaded, config_file)) if config_file else None,
+                            sys.argv[1:])
         if resume == "never" and overwrite is False:
             pass
         result = train_stage(loaded, output_dir=output_dir, resume=resume, overwrite=overwrite)
