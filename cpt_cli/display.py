@@ -1,5 +1,6 @@
-"""What `cpt train` shows while it runs: a rich live progress bar on a terminal, plain lines
-otherwise (CI logs, `| tee`), nothing on processes other than the main one."""
+"""What `cpt train` shows while it runs: a rich live progress bar when both stdout and stderr are a
+terminal; otherwise (CI logs, `| tee`, a batch job) plain lines with no colour or cursor movement,
+one per logged step; nothing on processes other than the main one."""
 
 from __future__ import annotations
 
@@ -8,15 +9,23 @@ import time
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 
 class TrainDisplay:
     def __init__(self, console: Console | None = None, enabled: bool = True) -> None:
         self.console = console or Console(stderr=True)
         self.enabled = enabled
-        self.live = enabled and self.console.is_terminal
+        self.live = enabled and self.console.is_terminal and sys.stdout.isatty()
+        self.total_steps = 0
+        self.tokens_per_step = 0
         self.progress: Progress | None = None
         self.task: Any = None
         self._data_seen: dict[str, int] = {}
@@ -43,7 +52,7 @@ class TrainDisplay:
     def start_training(self, steps: int, start_step: int, tokens_per_step: int) -> None:
         if not self.enabled:
             return
-        self.tokens_per_step = tokens_per_step
+        self.tokens_per_step, self.total_steps = tokens_per_step, steps
         if start_step:
             self.status(f"resuming at step {start_step} of {steps}")
         if self.live:
@@ -65,7 +74,19 @@ class TrainDisplay:
         if self.progress is not None:
             self.progress.update(self.task, completed=event["step"], info=info)
         else:
-            print(f"step {event['step']}  {info}", file=sys.stderr, flush=True)
+            left = max(0, self.total_steps - event["step"]) * self.tokens_per_step / max(
+                event["tokens_per_s"], 1e-9)
+            print(f"step {event['step']}/{self.total_steps}  {info}  ETA {_duration(left)}",
+                  file=sys.stderr, flush=True)
+
+    def checkpoint_saved(self, path: Any) -> None:
+        if not self.enabled:
+            return
+        line = f"checkpoint saved: {path}"
+        if self.progress is not None:
+            self.progress.console.print(f"[dim]{line}[/dim]", highlight=False)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def eval_line(self, event: dict[str, Any]) -> None:
         if not self.enabled:
@@ -85,3 +106,9 @@ class TrainDisplay:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"

@@ -12,6 +12,7 @@ forgetting table.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,13 +23,14 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from cpt_cli.config import Recipe, ScheduleConfig, save_recipe
 from cpt_cli.errors import TrainingStopped, UsageError
@@ -92,11 +94,20 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 class _Signals:
-    """SIGTERM/SIGINT: finish the step, checkpoint, exit. A second signal exits at once; the
-    checkpoint being written is under a temporary name, so nothing complete is ever damaged."""
+    """SIGTERM and SIGINT (a preemption notice, Ctrl-C).
+
+    Before training starts the first signal stops at once (nothing trained, nothing to save).
+    Once `defer()` is called, the first signal is only recorded: the loop finishes the current
+    step, writes a checkpoint and raises TrainingStopped with exit status 128 + the signal number
+    (143 for SIGTERM, 130 for SIGINT, as a shell reports a process that signal ended). A second
+    signal exits at once with that status: a checkpoint being written is still under its
+    temporary name, so every complete checkpoint stays intact.
+    """
 
     def __init__(self) -> None:
         self.received: str | None = None
+        self.exit_code = 128 + signal.SIGTERM
+        self.deferred = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _Signals:
@@ -107,10 +118,22 @@ class _Signals:
                 pass
         return self
 
+    def defer(self) -> None:
+        self.deferred = True
+
     def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
         if self.received is not None:
+            # os.write and os._exit only: nothing here may wait on a lock the interrupted
+            # code holds (a print could).
+            os.write(2, f"cpt: second signal ({name}): exiting now; complete checkpoints are "
+                        "intact, resume with --resume auto\n".encode())
             os._exit(128 + signum)
-        self.received = signal.Signals(signum).name
+        self.received, self.exit_code = name, 128 + signum
+        if not self.deferred:
+            raise TrainingStopped(f"received {name} before training started: nothing was "
+                                  "trained and nothing needs saving; run the same command "
+                                  "again to start.", exit_code=128 + signum)
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
@@ -209,8 +232,11 @@ class MetricsLog:
 
     def write(self, event: dict[str, Any]) -> None:
         if self.fh is not None:
-            self.fh.write(json.dumps(event) + "\n")
-            self.fh.flush()
+            try:
+                self.fh.write(json.dumps(event) + "\n")
+                self.fh.flush()
+            except OSError as err:
+                raise UsageError(_write_failure("metrics.jsonl", self.path, err)) from None
 
     def close(self) -> None:
         if self.fh is not None:
@@ -221,7 +247,17 @@ def train(recipe: Recipe, *, output_dir: str | None = None, resume: str | None =
           overwrite: bool = False, console: Any = None,
           on_event: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Train one stage. `resume`: None (refuse an existing run dir), "auto", "never" or a
-    checkpoint path. Returns the run directory and the final forgetting report."""
+    checkpoint path. `on_event` sees every event written to metrics.jsonl. Returns the run
+    directory and the final forgetting report; raises `TrainingStopped` when the run stops early
+    (signal, NaN loss, forgetting budget) and `UsageError` for anything the user can fix."""
+    with _Signals() as signals:
+        return _train(recipe, signals, output_dir=output_dir, resume=resume, overwrite=overwrite,
+                      console=console, on_event=on_event)
+
+
+def _train(recipe: Recipe, signals: _Signals, *, output_dir: str | None, resume: str | None,
+           overwrite: bool, console: Any,
+           on_event: Callable[[dict[str, Any]], None] | None) -> TrainResult:
     from accelerate import Accelerator
     from transformers.utils import logging as hf_logging
 
@@ -239,20 +275,19 @@ def train(recipe: Recipe, *, output_dir: str | None = None, resume: str | None =
     accelerator = Accelerator(cpu=not cuda, mixed_precision=_precision(recipe, cuda),
                               log_with=_trackers(recipe) or None,
                               project_dir=str(run_dir))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
-        raise UsageError("launched as several processes but accelerate sees one: each would "
-                         "train alone into the same run directory. Launch with `cpt train "
-                         "--num-processes N` or `accelerate launch --multi_gpu ...`.")
+    check_world(accelerator.num_processes, os.environ)
     P, rank, main = accelerator.num_processes, accelerator.process_index, \
         accelerator.is_main_process
     display = TrainDisplay(console=console, enabled=main)
+    if recipe.train.precision in ("bf16", "fp16") and not cuda:
+        display.status(f"train.precision {recipe.train.precision} needs a GPU: training in fp32 "
+                       "on this CPU")
 
     with accelerator.main_process_first():  # rank 0 fills the cache; the others then read it
         data = prepare_data(recipe, progress=display.data_progress)
         data = plan_data(recipe, data, P)
     display.data_done()
     _, accum, steps = batch_geometry(recipe, P)
-    context = None
 
     model = load_model(recipe, data.tokenizer)
     context = max_context(model)
@@ -260,9 +295,12 @@ def train(recipe: Recipe, *, output_dir: str | None = None, resume: str | None =
         raise UsageError(f"data.seq_len: {recipe.data.seq_len} is above the model's context of "
                          f"{context} tokens; lower data.seq_len to at most {context}")
     _check_document_masking(recipe, model)
+    flops_per_token = training_flops_per_token(model, recipe.data.seq_len)
     if recipe.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        _enable_activation_checkpointing(model)
     if recipe.train.compile:
+        # Layer by layer (as torchtitan does): each decoder layer compiles once and is reused,
+        # so compile time does not grow with depth, and a graph break stays inside one layer.
         for layer in _decoder_layers(model):
             layer.compile()
 
@@ -274,14 +312,16 @@ def train(recipe: Recipe, *, output_dir: str | None = None, resume: str | None =
         _load_parent_optimizer(recipe, optimizer)
 
     # Nothing is written before here: a bad recipe or bad data leaves no trace.
-    if main:
-        if overwrite and run_dir.exists() and resume_from is None:
-            shutil.rmtree(run_dir)
-        remove_debris(run_dir)
-        (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-        save_recipe(recipe, run_dir / "recipe.yaml")
-        _write_heldout(run_dir, data)
-    accelerator.wait_for_everyone()
+    def set_up_run_dir() -> None:
+        if main:
+            if overwrite and run_dir.exists() and resume_from is None:
+                shutil.rmtree(run_dir)
+            remove_debris(run_dir)
+            (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+            save_recipe(recipe, run_dir / "recipe.yaml")
+            _write_heldout(run_dir, data)
+
+    _write_together(accelerator, "the run directory", run_dir, set_up_run_dir)
 
     model, optimizer = accelerator.prepare(model, optimizer)
     # The scheduler is stepped by hand: accelerate's wrapper would step it once per process.
@@ -293,15 +333,16 @@ def train(recipe: Recipe, *, output_dir: str | None = None, resume: str | None =
     loader = PackedLoader(data.plan, data.streams, micro_batch_size=recipe.train.micro_batch_size,
                           grad_accum=accum, num_processes=P, rank=rank,
                           document_masking=not recipe.data.cross_document_attention)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", main,
-                         state.step if resume_from is not None else None)
-    if resume_from is None and main:
-        metrics.path.write_text("")
+    metrics = _write_together(
+        accelerator, "metrics.jsonl", run_dir / "metrics.jsonl",
+        lambda: MetricsLog(run_dir / "metrics.jsonl", main,
+                           state.step if resume_from is not None else None))
 
     def emit(event: dict[str, Any]) -> None:
         metrics.write(event)
         if on_event is not None:
             on_event(event)
+
     if accelerator.trackers:
         accelerator.init_trackers(recipe.name)
 
@@ -311,131 +352,157 @@ def train(recipe: Recipe, *, output_dir: str | None = None, resume: str | None =
     roles = {d.name: d.role for d in domains}
 
     def evaluate() -> dict[str, Any]:
-        scores = score_domains(model, data.tokenizer, domains,
-                               batch_tokens=recipe.eval.batch_tokens,
-                               autocast_dtype=autocast_dtype, max_length=context)
-        return scores
+        return score_domains(model, data.tokenizer, domains, batch_tokens=recipe.eval.batch_tokens,
+                             autocast_dtype=autocast_dtype, max_length=context)
 
+    def eval_event(report: dict[str, Any], step: int) -> dict[str, Any]:
+        return {"event": "eval", "step": step, "tokens": step * loader.global_batch * L,
+                "domains": {d["name"]: {k: d.get(k) for k in ("role", "loss", "bpb", "delta_bpb")}
+                            for d in report["domains"]}}
+
+    L = recipe.data.seq_len
     start_path = run_dir / "eval" / "start.npz"
     if start_path.exists():
         start_scores = load_scores(start_path)
     else:
         display.status("evaluating the starting model on every domain")
         start_scores = evaluate()
+        _write_together(accelerator, "the start evaluation", start_path,
+                        lambda: main and save_scores(start_path, start_scores))
         if main:
-            save_scores(start_path, start_scores)
-            start_report = forgetting_table(start_scores, None, roles, bootstrap_samples=0)
-            emit({"event": "eval", "step": 0, "tokens": 0,
-                           "domains": {d["name"]: {"loss": d["loss"], "bpb": d["bpb"],
-                                                   "role": d["role"]}
-                                       for d in start_report["domains"]}})
+            emit(eval_event(forgetting_table(start_scores, None, roles, bootstrap_samples=0), 0))
 
-    label_tokens_concat = loader.global_batch * (recipe.data.seq_len - 1)
+    label_tokens_concat = loader.global_batch * (L - 1)
     wsd_branch = decay_start(recipe.train.schedule, steps) \
         if recipe.train.schedule.name == "wsd" else None
-    L = recipe.data.seq_len
+    peak = peak_flops(torch.cuda.get_device_name()) if cuda else None
     device = accelerator.device
-    stopped: str | None = None
+    check_grad_norm = accelerator.mixed_precision != "fp16"  # the fp16 scaler skips inf grads
+    stopped: TrainingStopped | None = None
     display.start_training(steps, state.step, loader.global_batch * L)
     last_log_time, last_log_step, paused = time.perf_counter(), state.step, 0.0
+    signals.defer()  # from here a signal stops the run after the current step, with a checkpoint
     model.train()
-    with _Signals() as signals:
-        for step, micro_batches in loader.iter_steps(state.step):
-            n_targets = label_tokens_concat if recipe.data.packing == "concat" else \
-                loader.step_label_tokens(step)
-            # HF's loss divides the summed token losses by num_items_in_batch; DDP then averages
-            # over the P processes, so scale by P to get the exact global mean.
-            num_items = torch.tensor(n_targets / P, device=device)
-            step_loss = torch.zeros((), device=device)
-            for a, mb in enumerate(micro_batches):
-                sync = a == len(micro_batches) - 1
-                ctx = accelerator.no_sync(model) if not sync else _null()
-                with ctx:
-                    out = model(input_ids=mb.input_ids.to(device, non_blocking=True),
-                                position_ids=mb.position_ids.to(device, non_blocking=True),
-                                labels=mb.labels.to(device, non_blocking=True),
-                                num_items_in_batch=num_items, use_cache=False)
-                    accelerator.backward(out.loss)
-                step_loss += out.loss.detach()
-            # One host sync per step: a NaN must stop the update before it lands.
-            global_loss = accelerator.reduce(step_loss, reduction="sum") / P
-            loss_value = float(global_loss)
-            if not math.isfinite(loss_value):
-                optimizer.zero_grad(set_to_none=True)
-                state.bad_steps += 1
-                if state.bad_steps > recipe.train.max_bad_steps:
-                    last = complete_checkpoints(run_dir)
-                    raise TrainingStopped(
-                        f"the loss is {loss_value} at step {step + 1}: training stopped before "
-                        f"the update. Last good checkpoint: {last[-1] if last else 'none'}. "
-                        "Lower train.optimizer.lr, check the data, or allow a few bad batches "
-                        "with train.max_bad_steps.", exit_code=1)
-                continue
-            grad_norm = None
-            if recipe.train.grad_clip is not None:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(),
-                                                        recipe.train.grad_clip)
-            # The lr this update uses (the scheduler then moves on to the next step's); the
-            # first group holds matrices, whose lr_scale is 1.
-            lr_used = scheduler.get_last_lr()[0] / optimizer.param_groups[0]["lr_scale"]
+    for step, micro_batches in loader.iter_steps(state.step):
+        n_targets = label_tokens_concat if recipe.data.packing == "concat" else \
+            loader.step_label_tokens(step)
+        # HF's loss divides the summed token losses by num_items_in_batch; DDP then averages
+        # over the P processes, so scale by P to get the exact global mean.
+        num_items = torch.tensor(n_targets / P, device=device)
+        step_loss = torch.zeros((), device=device)
+        for a, mb in enumerate(micro_batches):
+            sync = a == len(micro_batches) - 1
+            with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
+                out = model(input_ids=mb.input_ids.to(device, non_blocking=True),
+                            position_ids=mb.position_ids.to(device, non_blocking=True),
+                            labels=mb.labels.to(device, non_blocking=True),
+                            num_items_in_batch=num_items, use_cache=False)
+                accelerator.backward(out.loss)
+            step_loss += out.loss.detach()
+        # One host sync per step, which also carries every process's stop request: a NaN must
+        # stop the update before it lands, and all processes must stop at the same step.
+        flags = torch.stack([step_loss, torch.tensor(float(signals.received is not None),
+                                                     device=device)])
+        flags = accelerator.reduce(flags, reduction="sum") if P > 1 else flags
+        loss_value, stop_requested = float(flags[0]) / P, bool(flags[1] > 0)
+        grad_norm = None
+        if recipe.train.grad_clip is not None and math.isfinite(loss_value):
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(),
+                                                          recipe.train.grad_clip))
+        # The lr this update uses (the scheduler then moves on to the next step's); the first
+        # group holds matrices, whose lr_scale is 1.
+        lr_used = scheduler.get_last_lr()[0] / optimizer.param_groups[0]["lr_scale"]
+        bad = not math.isfinite(loss_value) or (
+            check_grad_norm and grad_norm is not None and not math.isfinite(grad_norm))
+        if bad:
+            state.bad_steps += 1
+        else:
             optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step = step + 1
-            tokens_done = state.step * loader.global_batch * L
-
-            if state.step % recipe.train.log_every_steps == 0 or state.step == steps:
-                now = time.perf_counter()
-                # Training time only: evaluations and checkpoints since the last line are
-                # excluded (`paused`), so tokens/s measures the step itself.
-                tps = (state.step - last_log_step) * loader.global_batch * L / max(
-                    now - last_log_time - paused, 1e-9)
-                last_log_time, last_log_step, paused = now, state.step, 0.0
-                event = {"event": "train", "step": state.step, "tokens": tokens_done,
-                         "loss": loss_value, "lr": lr_used, "tokens_per_s": tps,
-                         "grad_norm": float(grad_norm) if grad_norm is not None else None}
-                emit(event)
-                if accelerator.trackers:
-                    accelerator.log({k: v for k, v in event.items() if k != "event"},
-                                    step=state.step)
-                display.train_line(event)
-            pause_start = time.perf_counter()
-
-            over_budget = None
-            if recipe.eval.every_steps and state.step % recipe.eval.every_steps == 0 and \
-                    state.step != steps:
-                report = forgetting_table(evaluate(), start_scores, roles, bootstrap_samples=0)
-                event = {"event": "eval", "step": state.step, "tokens": tokens_done,
-                         "domains": {d["name"]: {k: d.get(k) for k in
-                                                 ("role", "loss", "bpb", "delta_bpb")}
-                                     for d in report["domains"]}}
-                emit(event)
-                display.eval_line(event)
-                worst = report["summary"]["max_forgetting_bpb"]
-                if worst is not None:
-                    state.peak_forgetting = max(worst, state.peak_forgetting or worst)
-                budget = recipe.eval.max_forgetting_bpb
-                if budget is not None and worst is not None and worst > budget:
-                    over_budget = (report["summary"]["worst_forgetting_domain"], worst)
-
-            every = recipe.train.checkpoint.every_steps
-            want_ckpt = (every and state.step % every == 0) or over_budget or \
-                signals.received or state.step == wsd_branch
-            if want_ckpt and state.step != steps:
-                _save_checkpoint(run_dir, state, accelerator, model, optimizer, scheduler, data,
-                                 recipe, keep_forever=state.step == wsd_branch)
-            if over_budget:
-                stopped = (f"domain {over_budget[0]!r} forgot {over_budget[1]:.4f} bits per byte "
-                           f"at step {state.step}, above eval.max_forgetting_bpb "
-                           f"{recipe.eval.max_forgetting_bpb}; checkpoint saved in "
-                           f"{run_dir / CHECKPOINTS}")
+        # A skipped batch still counts as a step: the data, the schedule and the step number stay
+        # aligned, so a resumed run and the plan agree on what step N is.
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step = step + 1
+        tokens_done = state.step * loader.global_batch * L
+        if bad:
+            event = {"event": "bad_step", "step": state.step, "tokens": tokens_done,
+                     "loss": str(loss_value), "grad_norm": str(grad_norm),
+                     "bad_steps": state.bad_steps}
+            emit(event)
+            display.status(f"step {state.step}: loss {loss_value}, gradient norm {grad_norm}: "
+                           f"update skipped ({state.bad_steps} of train.max_bad_steps "
+                           f"{recipe.train.max_bad_steps})")
+            if state.bad_steps > recipe.train.max_bad_steps:
+                last = complete_checkpoints(run_dir)
+                stopped = TrainingStopped(
+                    f"the loss is {loss_value} (gradient norm {grad_norm}) at step "
+                    f"{state.step}: training stopped before the update, after "
+                    f"{state.bad_steps} bad step(s) (train.max_bad_steps is "
+                    f"{recipe.train.max_bad_steps}). The last good checkpoint is "
+                    f"{last[-1] if last else 'none (no checkpoint was written yet)'}. Lower "
+                    "train.optimizer.lr, check the data, or allow a few bad batches with "
+                    "train.max_bad_steps, then rerun with --resume auto.", exit_code=1)
                 break
-            if signals.received and state.step != steps:
-                stopped = (f"received {signals.received} at step {state.step}: checkpoint saved."
-                           f" Resume with: cpt train <recipe> --resume auto --output-dir "
-                           f"{run_dir}")
-                break
-            paused += time.perf_counter() - pause_start
+            continue
+
+        if state.step % recipe.train.log_every_steps == 0 or state.step == steps:
+            now = time.perf_counter()
+            # Training time only: evaluations and checkpoints since the last line are excluded
+            # (`paused`), so tokens/s measures the steps themselves.
+            tps = (state.step - last_log_step) * loader.global_batch * L / max(
+                now - last_log_time - paused, 1e-9)
+            last_log_time, last_log_step, paused = now, state.step, 0.0
+            event = {"event": "train", "step": state.step, "tokens": tokens_done,
+                     "loss": loss_value, "lr": lr_used, "tokens_per_s": tps,
+                     "grad_norm": grad_norm}
+            if cuda:
+                event["mfu"] = tps * flops_per_token / (peak * P) if peak else None
+            emit(event)
+            if accelerator.trackers:
+                accelerator.log({k: v for k, v in event.items()
+                                 if isinstance(v, (int, float))}, step=state.step)
+            display.train_line(event)
+        pause_start = time.perf_counter()
+
+        over_budget = None
+        if recipe.eval.every_steps and state.step % recipe.eval.every_steps == 0 and \
+                state.step != steps and not stop_requested:
+            report = forgetting_table(evaluate(), start_scores, roles, bootstrap_samples=0)
+            event = eval_event(report, state.step)
+            emit(event)
+            display.eval_line(event)
+            worst = report["summary"]["max_forgetting_bpb"]
+            if worst is not None:
+                state.peak_forgetting = max(worst, state.peak_forgetting or worst)
+            budget = recipe.eval.max_forgetting_bpb
+            if budget is not None and worst is not None and worst > budget:
+                over_budget = (report["summary"]["worst_forgetting_domain"], worst)
+
+        if P == 1:  # one process need not agree with anyone: act on a signal from just now
+            stop_requested = signals.received is not None
+        every = recipe.train.checkpoint.every_steps
+        want_ckpt = (every and state.step % every == 0) or over_budget or stop_requested or \
+            state.step == wsd_branch
+        if want_ckpt and state.step != steps:
+            saved = _save_checkpoint(run_dir, state, accelerator, model, optimizer, scheduler,
+                                     data, recipe, keep_forever=state.step == wsd_branch)
+            display.checkpoint_saved(saved)
+        if over_budget:
+            stopped = TrainingStopped(
+                f"domain {over_budget[0]!r} forgot {over_budget[1]:.4f} bits per byte at step "
+                f"{state.step}, above eval.max_forgetting_bpb "
+                f"{recipe.eval.max_forgetting_bpb}; checkpoint saved in "
+                f"{run_dir / CHECKPOINTS}", exit_code=1)
+            break
+        if stop_requested and state.step != steps:
+            name = signals.received or "a stop signal (on another process)"
+            stopped = TrainingStopped(
+                f"received {name} at step {state.step} of {steps}: checkpoint saved to "
+                f"{run_dir / CHECKPOINTS / f'step-{state.step:06d}'}. Resume with the same "
+                f"command plus --resume auto (run directory {run_dir}).",
+                exit_code=signals.exit_code)
+            break
+        paused += time.perf_counter() - pause_start
     display.stop()
     if stopped is not None:
         # No final evaluation: a preempted job has seconds left, and a run stopped for
@@ -444,7 +511,7 @@ def train(recipe: Recipe, *, output_dir: str | None = None, resume: str | None =
         if accelerator.trackers:
             accelerator.end_training()
         accelerator.wait_for_everyone()
-        raise TrainingStopped(stopped, exit_code=1)
+        raise stopped
 
     final_dir = _save_final(run_dir, state, accelerator, model, optimizer, data, recipe)
     final_scores = evaluate()
@@ -453,12 +520,15 @@ def train(recipe: Recipe, *, output_dir: str | None = None, resume: str | None =
                               peak_forgetting=state.peak_forgetting)
     report.update(model=str(final_dir), start=_start_name(recipe))
     if main:
-        emit({"event": "eval", "step": state.step,
-              "tokens": state.step * loader.global_batch * L,
-              "domains": {d["name"]: {k: d.get(k) for k in ("role", "loss", "bpb", "delta_bpb")}
-                          for d in report["domains"]}})
-        save_scores(final_dir / "eval" / "start.npz", start_scores)
-        write_json(final_dir / "eval" / "report.json", report)
+        emit(eval_event(report, state.step))
+
+    def write_report() -> None:
+        if main:
+            save_scores(final_dir / "eval" / "start.npz", start_scores)
+            # Written last: its presence marks the run as finished (see _resume_point).
+            write_json(final_dir / "eval" / "report.json", report)
+
+    _write_together(accelerator, "the final report", final_dir / "eval", write_report)
     metrics.close()
     if accelerator.trackers:
         accelerator.end_training()
@@ -466,12 +536,62 @@ def train(recipe: Recipe, *, output_dir: str | None = None, resume: str | None =
     return TrainResult(run_dir=run_dir, final_dir=final_dir, report=report, steps=state.step)
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
+def check_world(num_processes: int, env: Mapping[str, str]) -> None:
+    """Refuse a launch where the launcher started several processes but accelerate sees one
+    each (`accelerate launch --cpu`, or torchrun without a process group): each would train
+    alone into the same run directory."""
+    world = int(env.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and num_processes == 1:
+        raise UsageError(f"launched as {world} processes (WORLD_SIZE={world}) but accelerate "
+                         "sees one: each would train alone into the same run directory. Launch "
+                         "with `cpt train --num-processes N`, or `accelerate launch --multi_gpu "
+                         "--num_processes N -m cpt_cli train RECIPE`.")
 
-    def __exit__(self, *exc: Any) -> None:
-        return None
+
+# Dense bf16 peak of one accelerator, in FLOP/s, by a substring of torch.cuda.get_device_name()
+# (first match wins, so "H100 PCIe" precedes "H100"). Vendor datasheets, without sparsity.
+PEAK_BF16_FLOPS = (("H200", 989e12), ("GH200", 989e12), ("H100 PCIe", 756e12),
+                   ("H100 NVL", 835e12), ("H100", 989e12), ("H800", 989e12), ("B200", 2250e12),
+                   ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12),
+                   ("A10G", 70e12), ("A10", 125e12), ("MI300X", 1307e12))
+
+
+def peak_flops(device_name: str, env: Mapping[str, str] = os.environ) -> float | None:
+    """Peak FLOP/s for MFU: $CPT_PEAK_TFLOPS when set, else the table above (None: unknown)."""
+    if env.get("CPT_PEAK_TFLOPS"):
+        return float(env["CPT_PEAK_TFLOPS"]) * 1e12
+    for key, flops in PEAK_BF16_FLOPS:
+        if key.lower() in device_name.lower():
+            return flops
+    return None
+
+
+def training_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Model FLOPs to train on one token (PaLM, Chowdhery et al. 2022, appendix B):
+    6 N + 12 n_layers d_model seq_len, where N counts the parameters that take part in matrix
+    products (every parameter but the input embedding table, which is a lookup; a tied output
+    layer counts once) and the second term is attention's QK^T and AV, forward and backward.
+    Activation recomputation is not counted (it is hardware, not model, FLOPs)."""
+    params = {id(p): p.numel() for p in model.parameters()}
+    n = sum(params.values())
+    embedding = getattr(model, "get_input_embeddings", lambda: None)()
+    output = getattr(model, "get_output_embeddings", lambda: None)()
+    if embedding is not None:
+        n -= embedding.weight.numel()
+        if output is not None and output.weight is embedding.weight:
+            n += output.weight.numel()
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", 0) or 0
+    hidden = getattr(config, "hidden_size", 0) or 0
+    return 6.0 * n + 12.0 * layers * hidden * seq_len
+
+
+def _enable_activation_checkpointing(model: Any) -> None:
+    # Non-reentrant checkpointing: the reentrant kind computes no gradients for a layer whose
+    # inputs need none (frozen embeddings, say). transformers 5 renamed the method.
+    enable = getattr(model, "activation_checkpointing_enable", None) or \
+        model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
 
 
 def _trackers(recipe: Recipe) -> list[str]:
@@ -546,52 +666,104 @@ def _write_heldout(run_dir: Path, data: PreparedData) -> None:
                               read_heldout(src.heldout_file))
 
 
-def _unwrapped_state(accelerator: Any, model: Any) -> tuple[Any, dict[str, torch.Tensor]]:
-    return accelerator.unwrap_model(model), accelerator.get_state_dict(model)
+# What a failed write raises: OSError from Python's own files, RuntimeError from torch.save (a
+# full disk reads "[enforce fail at inline_container.cc] . unexpected pos"), SafetensorError
+# ("I/O error: No space left on device") from safetensors.
+WRITE_ERRORS: tuple[type[BaseException], ...] = (OSError, RuntimeError, SafetensorError)
+
+_T = TypeVar("_T")
 
 
-def _save_model(folder: Path, accelerator: Any, model: Any, data: PreparedData) -> None:
-    unwrapped, state_dict = _unwrapped_state(accelerator, model)
-    if accelerator.is_main_process:
-        unwrapped.save_pretrained(str(folder), state_dict=state_dict, safe_serialization=True)
-        data.tokenizer.save_pretrained(str(folder))
+def _write_together(accelerator: Any, what: str, path: Path, write: Callable[[], _T],
+                    cleanup: Path | None = None) -> _T:
+    """Run `write` on every process; if it fails on any, all of them raise the same UsageError
+    (one reduce), instead of the others waiting forever at the next collective."""
+    error: BaseException | None = None
+    result: Any = None
+    try:
+        result = write()
+    except WRITE_ERRORS as err:
+        error = err
+    failed = error is not None
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([float(failed)], device=accelerator.device)
+        failed = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+    if failed:
+        if cleanup is not None and accelerator.is_main_process:
+            shutil.rmtree(cleanup, ignore_errors=True)
+        raise UsageError(_write_failure(what, path, error)) from None
+    return result
+
+
+def _write_failure(what: str, path: Path, error: BaseException | None) -> str:
+    if error is None:
+        reason = "the write failed on another process (see its log)"
+    else:
+        first = (str(error).strip().splitlines() or [""])[0][:300]
+        reason = f"{type(error).__name__}: {first}"
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    try:
+        free = f"{shutil.disk_usage(existing).free / 1e6:,.1f} MB free"
+    except OSError:
+        free = "free space unknown"
+    writable = os.access(existing, os.W_OK)
+    run_dir = path.parent.parent if path.parent.name == CHECKPOINTS else path.parent
+    last = complete_checkpoints(run_dir)
+    newest = f"newest: {last[-1]}" if last else "none was written yet"
+    return (f"could not write {what} ({path}): {reason}. The disk holding it has {free}"
+            f"{'' if writable else ' and the folder is not writable'}. Earlier checkpoints are "
+            f"intact ({newest}); free space or fix permissions, then run the same command with "
+            "--resume auto.")
+
+
+def _save_model(folder: Path, unwrapped: Any, state_dict: dict[str, torch.Tensor],
+                data: PreparedData) -> None:
+    unwrapped.save_pretrained(str(folder), state_dict=state_dict, safe_serialization=True)
+    data.tokenizer.save_pretrained(str(folder))
 
 
 def _save_checkpoint(run_dir: Path, state: RunState, accelerator: Any, model: Any,
                      optimizer: Any, scheduler: Any, data: PreparedData, recipe: Recipe,
                      keep_forever: bool = False) -> Path:
+    """Write checkpoints/step-N atomically: everything goes to `.tmp-step-N`, is flushed to
+    disk, and only then renamed; a write that fails anywhere removes the temporary folder and
+    leaves every earlier checkpoint as it was."""
     name = f"step-{state.step:06d}"
     root = run_dir / CHECKPOINTS
-    tmp = root / f".tmp-{name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    try:
-        _save_model(tmp, accelerator, model, data)
-        torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
-        if accelerator.is_main_process:
+    tmp, target = root / f".tmp-{name}", root / name
+    main = accelerator.is_main_process
+    # Gathered on every process: under FSDP or DeepSpeed this is a collective.
+    unwrapped, state_dict = accelerator.unwrap_model(model), accelerator.get_state_dict(model)
+
+    def prepare() -> None:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+
+    def write() -> None:
+        if main:
+            _save_model(tmp, unwrapped, state_dict, data)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             write_json(tmp / MANIFEST, _manifest(recipe, data, state.step, accelerator))
+        torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+
+    def publish() -> None:
+        if main:
+            # trainer_state.json last: complete_checkpoints() only counts folders that have it.
             write_json(tmp / "trainer_state.json", {
                 "step": state.step, "bad_steps": state.bad_steps,
                 "peak_forgetting": state.peak_forgetting, "data": {
                     "plan": data.plan.fingerprint(), "sequences_consumed":
                     state.step * data.global_batch},
                 "num_processes": accelerator.num_processes, "keep": keep_forever})
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
             _fsync_tree(tmp)
-            _publish(tmp, root / name)
+            _publish(tmp, target)
             _rotate(root, recipe.train.checkpoint.keep)
-    except OSError as err:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise UsageError(f"could not write checkpoint {root / name}: {err}. Earlier checkpoints "
-                         "are intact; free space or fix permissions, then --resume auto.") from None
-    accelerator.wait_for_everyone()
-    return root / name
+
+    for phase in (prepare, write, publish):
+        _write_together(accelerator, f"checkpoint {name}", target, phase, cleanup=tmp)
+    return target
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -770,26 +942,21 @@ def _save_final(run_dir: Path, state: RunState, accelerator: Any, model: Any, op
     moments per parameter, so optimizer.pt is about twice the fp32 weights)."""
     final = run_dir / "final"
     tmp = run_dir / ".tmp-final"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    try:
-        _save_model(tmp, accelerator, model, data)
-        if accelerator.is_main_process:
+    main = accelerator.is_main_process
+    unwrapped, state_dict = accelerator.unwrap_model(model), accelerator.get_state_dict(model)
+
+    def write() -> None:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            _save_model(tmp, unwrapped, state_dict, data)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             manifest = _manifest(recipe, data, state.step, accelerator)
             write_json(tmp / MANIFEST, manifest)
-            write_json(run_dir / MANIFEST, manifest)
             copy_heldout(run_dir, tmp)
             _fsync_tree(tmp)
             _publish(tmp, final)
-    except OSError as err:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        last = complete_checkpoints(run_dir)
-        raise UsageError(f"could not write the final model to {final}: {err}. The checkpoints "
-                         f"are intact (newest: {last[-1] if last else 'none'}); free space or fix "
-                         "permissions, then rerun with --resume auto.") from None
-    accelerator.wait_for_everyone()
+            write_json(run_dir / MANIFEST, manifest)
+
+    _write_together(accelerator, "the final model", final, write, cleanup=tmp)
     return final

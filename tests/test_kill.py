@@ -72,16 +72,33 @@ def _assert_complete(ckpt: Path) -> None:
     assert ckpt.name == f"step-{state['step']:06d}"
 
 
-def test_sigkill_ten_times_then_resume_is_bit_exact(tmp_path: Path) -> None:
-    paths = write_sources(tmp_path / "data")
-    recipe = recipe_file(tmp_path, "killed", [{"name": "prose", "path": paths["prose"]},
-                                              {"name": "code", "path": paths["code"]}],
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The recipe, and its run never interrupted (in this process; it also fills the
+    tokenization cache the launches below read)."""
+    tmp = tmp_path_factory.mktemp("kill")
+    paths = write_sources(tmp / "data")
+    recipe = recipe_file(tmp, "killed", [{"name": "prose", "path": paths["prose"]},
+                                         {"name": "code", "path": paths["code"]}],
                          train={"steps": STEPS, "checkpoint": {"every_steps": 1, "keep": 2},
                                 "schedule": {"name": "cosine", "warmup": 5}},
                          eval={"every_steps": None})
-    # The uninterrupted run, in this process; it also fills the tokenization cache.
-    straight = train(load_recipe(recipe), output_dir=str(tmp_path / "straight"))
+    # Checkpoints do not change the weights; without them this run takes a third of the time.
+    result = train(load_recipe(recipe, ["train.checkpoint.every_steps=null"]),
+                   output_dir=str(tmp / "straight"))
+    return {"recipe": recipe, "final": result.final_dir}
 
+
+def _assert_same_final(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+def test_sigkill_ten_times_then_resume_is_bit_exact(straight: dict[str, Any],
+                                                    tmp_path: Path) -> None:
+    recipe = straight["recipe"]
     rng = random.Random(20261126)
     run_dir = tmp_path / "run"
     history: list[dict[str, Any]] = []
@@ -122,8 +139,43 @@ def test_sigkill_ten_times_then_resume_is_bit_exact(tmp_path: Path) -> None:
     assert re.search(rf"resuming at step {history[-1]['newest_after']}\b", last.read_text())
     print(f"kills: {KILLS}, of which {mid_write} during a checkpoint write; {history}")
 
-    a, b = weights(straight.final_dir), weights(run_dir / "final")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    _assert_same_final(straight["final"], run_dir / "final")
     assert not list(run_dir.rglob(".tmp-*")) and not list(run_dir.rglob(".del-*"))
+
+
+def test_sigint_then_double_sigterm_then_resume(straight: dict[str, Any], tmp_path: Path) -> None:
+    """SIGINT finishes the step, checkpoints it and exits 130 saying how to resume; a second
+    signal exits at once (143) without damaging a checkpoint; the run then resumes and ends
+    identical to the uninterrupted one."""
+    recipe, run_dir = straight["recipe"], tmp_path / "run"
+    log = tmp_path / "sigint.log"
+    proc = _launch(recipe, run_dir, log)
+    assert _wait_for(log, r"^step 3\b", proc, timeout=120), log.read_text()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130, log.read_text()
+    text = log.read_text()
+    assert "Traceback" not in text
+    stopped = re.search(r"received SIGINT at step (\d+) of 40: checkpoint saved", text)
+    assert stopped, text
+    step = int(stopped.group(1))
+    assert step == max(int(s) for s in re.findall(r"^step (\d+)", text, re.MULTILINE))
+    assert _newest_step(run_dir) == step
+    assert re.search(r"resume: cpt train \S+killed.yaml --output-dir \S+ --resume auto", text)
+
+    log = tmp_path / "sigterm.log"
+    proc = _launch(recipe, run_dir, log)
+    assert _wait_for(log, rf"^step {step + 2}\b", proc, timeout=120), log.read_text()
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143, log.read_text()
+    text = log.read_text()
+    assert "Traceback" not in text
+    assert "second signal (SIGTERM): exiting now" in text or "received SIGTERM" in text, text
+    for ckpt in complete_checkpoints(run_dir):
+        _assert_complete(ckpt)
+
+    log = tmp_path / "resumed.log"
+    proc = _launch(recipe, run_dir, log)
+    assert proc.wait(timeout=300) == 0, log.read_text()
+    _assert_same_final(straight["final"], run_dir / "final")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -246,3 +248,146 @@ def test_freeze_patterns_leave_parameters_out(tmp_path: Path) -> None:
         frozen = "embed_tokens" in name or ".layers.0." in name
         assert (id(param) not in trained) == frozen, name
         assert param.requires_grad != frozen, name
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerical faults and failed writes
+# ---------------------------------------------------------------------------------------------
+
+
+def _poison_step(monkeypatch: pytest.MonkeyPatch, bad_steps: set[int], micro: int = 2) -> None:
+    """Make the training loss NaN at the given (1-based) steps, through the model's forward."""
+    from transformers import LlamaForCausalLM
+
+    original = LlamaForCausalLM.forward
+    calls = {"n": 0}
+
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, *args, **kwargs)
+        if kwargs.get("labels") is not None:  # a training micro batch, not an evaluation
+            calls["n"] += 1
+            if (calls["n"] - 1) // micro + 1 in bad_steps:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", forward)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
+        run: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from cpt_cli.errors import TrainingStopped
+    from cpt_cli.trainer import complete_checkpoints
+
+    run_dir = run["tmp"] / "runs" / "nan"
+    recipe = tiny_recipe(run["tmp"], "nan", run["sources"],
+                         train={"checkpoint": {"every_steps": 2, "keep": 3}})
+    _poison_step(monkeypatch, {5})
+    with pytest.raises(TrainingStopped, match=r"loss is nan .* at step 5.*last good checkpoint is "
+                                              r".*step-000004") as stop:
+        train(recipe, output_dir=str(run_dir))
+    assert stop.value.exit_code == 1
+    assert [p.name for p in complete_checkpoints(run_dir)] == ["step-000002", "step-000004"]
+    assert not (run_dir / "final").exists()
+    for tensor in weights(run_dir / "checkpoints" / "step-000004").values():
+        assert torch.isfinite(tensor).all()
+    events = read_metrics(run_dir)
+    assert [e["step"] for e in events if e["event"] == "train"] == [1, 2, 3, 4]
+    assert [(e["step"], e["loss"]) for e in events if e["event"] == "bad_step"] == [(5, "nan")]
+
+
+def test_max_bad_steps_skips_bad_batches(run: dict[str, Any],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe = tiny_recipe(run["tmp"], "skip", run["sources"],
+                         train={"max_bad_steps": 2, "checkpoint": {"every_steps": None}},
+                         eval={"every_steps": None})
+    _poison_step(monkeypatch, {2, 5})
+    result = train(recipe, output_dir=str(run["tmp"] / "runs" / "skip"))
+    assert result.steps == 6
+    events = read_metrics(result.run_dir)
+    assert [e["step"] for e in events if e["event"] == "bad_step"] == [2, 5]
+    assert [e["step"] for e in events if e["event"] == "train"] == [1, 3, 4, 6]
+    for tensor in weights(result.final_dir).values():
+        assert torch.isfinite(tensor).all()
+    # A skipped batch makes no update: Adam's step count is 4 of 6.
+    state = torch.load(result.final_dir / "optimizer.pt", weights_only=True)["state"]
+    assert {int(s["step"]) for s in state.values()} == {4}
+
+
+def test_absurd_learning_rate_stops_with_a_clear_message(run: dict[str, Any]) -> None:
+    from cpt_cli.errors import TrainingStopped
+
+    recipe = tiny_recipe(run["tmp"], "lr", run["sources"],
+                         train={"optimizer": {"lr": 1e30}, "grad_clip": None,
+                                "schedule": {"name": "constant", "warmup": 0},
+                                "checkpoint": {"every_steps": 1, "keep": 2}})
+    with pytest.raises(TrainingStopped, match="Lower train.optimizer.lr") as stop:
+        train(recipe, output_dir=str(run["tmp"] / "runs" / "lr"))
+    assert re.search(r"loss is (nan|inf)", str(stop.value)), stop.value
+
+
+def _failing_save(monkeypatch: pytest.MonkeyPatch, when: Callable[[Path], bool],
+                  error: BaseException) -> None:
+    original = torch.save
+
+    def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(f, (str, Path)) and when(Path(f)):
+            raise error
+        return original(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+# What torch.save really raises on a full disk (checked on a 200 kB tmpfs).
+DISK_FULL = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+
+def test_failed_checkpoint_write_keeps_earlier_checkpoints(
+        run: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from cpt_cli.trainer import complete_checkpoints
+
+    run_dir = run["tmp"] / "runs" / "full"
+    recipe = tiny_recipe(run["tmp"], "full", run["sources"],
+                         train={"checkpoint": {"every_steps": 2, "keep": 3}})
+    _failing_save(monkeypatch, lambda p: p.parent.name == ".tmp-step-000004", DISK_FULL)
+    with pytest.raises(UsageError, match=r"could not write checkpoint step-000004 .*"
+                                         r"RuntimeError: \[enforce fail.*MB free.*Earlier "
+                                         r"checkpoints are intact \(newest: .*step-000002\).*"
+                                         r"--resume auto"):
+        train(recipe, output_dir=str(run_dir))
+    assert [p.name for p in complete_checkpoints(run_dir)] == ["step-000002"]
+    assert not list(run_dir.rglob(".tmp-*"))
+    monkeypatch.undo()
+    # Space freed: the run resumes from step 2 and finishes.
+    result = train(recipe, output_dir=str(run_dir), resume="auto")
+    assert result.steps == 6 and (result.final_dir / "model.safetensors").is_file()
+
+
+def test_failed_final_write_is_exit_2_without_traceback(
+        run: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from typer.testing import CliRunner
+
+    from cpt_cli.cli import app
+
+    run_dir = run["tmp"] / "runs" / "full-final"
+    path = recipe_file(run["tmp"], "full-final", run["sources"],
+                       train={"checkpoint": {"every_steps": 2, "keep": 3}})
+    _failing_save(monkeypatch, lambda p: p.parent.name == ".tmp-final",
+                  OSError(errno.ENOSPC, "No space left on device"))
+    result = CliRunner().invoke(app, ["train", str(path), "--output-dir", str(run_dir)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert "could not write the final model" in result.output
+    assert "No space left on device" in result.output
+    assert not (run_dir / "final").exists() and not (run_dir / ".tmp-final").exists()
+    assert (run_dir / "checkpoints" / "step-000004" / "trainer_state.json").is_file()
+
+
+def test_world_size_guard() -> None:
+    from cpt_cli.trainer import check_world
+
+    check_world(1, {})
+    check_world(2, {"WORLD_SIZE": "2"})
+    with pytest.raises(UsageError, match="WORLD_SIZE=2.*accelerate sees one.*--num-processes"):
+        check_world(1, {"WORLD_SIZE": "2"})

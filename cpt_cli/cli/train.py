@@ -1,7 +1,15 @@
-"""`cpt train RECIPE [KEY=VALUE ...]`"""
+"""`cpt train RECIPE [KEY=VALUE ...]`
+
+Exit status: 0 finished; 2 a problem to fix (recipe, data, paths, a failed write: the message
+says which); 1 stopped on purpose or by a numerical fault (forgetting budget, NaN loss);
+128 + N stopped by signal N after writing a checkpoint (143 SIGTERM, 130 SIGINT): run the same
+command with `--resume auto` to continue.
+"""
 
 from __future__ import annotations
 
+import os
+import shlex
 import sys
 from typing import Annotated
 
@@ -29,9 +37,11 @@ def train(
     json_out: Json = False,
 ) -> None:
     """Prepare the data, evaluate the start model, train, checkpoint, and print the forgetting
-    table."""
+    table. Exit status 143 (SIGTERM) or 130 (SIGINT) after a preemption checkpoint: rerun with
+    --resume auto."""
     from cpt_cli import render
     from cpt_cli.config import load_recipe, resolve_path
+    from cpt_cli.errors import TrainingStopped, UsageError
     from cpt_cli.launch import already_launched, relaunch
     from cpt_cli.trainer import train as train_stage
 
@@ -42,12 +52,15 @@ def train(
             config_file = loaded.launch.accelerate_config
             return relaunch(procs, str(resolve_path(loaded, config_file)) if config_file else None,
                             sys.argv[1:])
-        if resume == "never" and overwrite is False:
-            pass
-        result = train_stage(loaded, output_dir=output_dir, resume=resume, overwrite=overwrite)
-        from accelerate.state import PartialState
-
-        if not PartialState().is_main_process:
+        try:
+            result = train_stage(loaded, output_dir=output_dir, resume=resume,
+                                 overwrite=overwrite)
+        except TrainingStopped as stop:
+            if "--resume auto" in str(stop):
+                raise TrainingStopped(f"{stop}\n  resume: {resume_command(sys.argv[1:])}",
+                                      exit_code=stop.exit_code) from None
+            raise
+        if not _main_process():
             return 0
         if json_out:
             print_json({"run_dir": str(result.run_dir), "final": str(result.final_dir),
@@ -59,6 +72,42 @@ def train(
             console.print(f"model saved to {result.final_dir}", highlight=False)
         return 0
 
+    if not _main_process():
+        # The other processes of a multi-process run exit with the same status, silently: the
+        # main process prints the one message.
+        try:
+            code = body()
+        except UsageError:
+            code = 2
+        except TrainingStopped as stop:
+            code = stop.exit_code
+        if code:
+            raise typer.Exit(code)
+        return
     code = run_guarded(body)
     if code:
         raise typer.Exit(code)
+
+
+def _main_process() -> bool:
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues this run: the same arguments with `--resume auto` and
+    without `--overwrite` (which would start over)."""
+    args: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--overwrite":
+            continue
+        if arg == "--resume":
+            skip = True
+            continue
+        if arg.startswith("--resume="):
+            continue
+        args.append(arg)
+    return shlex.join(["cpt", *args, "--resume", "auto"])
