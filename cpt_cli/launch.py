@@ -13,8 +13,6 @@ import os
 import subprocess
 import sys
 
-import torch
-
 LAUNCHED_ENV = "CPT_LAUNCHED"
 
 
@@ -33,6 +31,8 @@ def accelerate_command(num_processes: int, config_file: str | None, argv: list[s
                 "--mixed_precision", "no", "--dynamo_backend", "no"]
         if num_processes > 1:
             cmd += ["--multi_gpu"]
+        import torch  # here, not at the top: the parent process needs nothing else from it
+
         if not torch.cuda.is_available():
             # gloo on CPU: pick a free port so parallel test runs do not collide.
             cmd += ["--main_process_port", str(_free_port())]

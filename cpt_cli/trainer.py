@@ -288,6 +288,8 @@ def _train(recipe: Recipe, signals: _Signals, *, output_dir: str | None, resume:
         data = plan_data(recipe, data, P)
     display.data_done()
     _, accum, steps = batch_geometry(recipe, P)
+    if resume_from is not None:
+        check_resumable(resume_from, data, P)  # before anything in the run directory changes
 
     model = load_model(recipe, data.tokenizer)
     context = max_context(model)
@@ -818,19 +820,33 @@ def _rotate(root: Path, keep: int) -> None:
         _discard(old)
 
 
-def _load_checkpoint(path: Path, accelerator: Any, model: Any, optimizer: Any, scheduler: Any,
-                     data: PreparedData) -> RunState:
-    from safetensors.torch import load_file
-
-    meta = json.loads((path / "trainer_state.json").read_text())
+def check_resumable(path: Path, data: PreparedData, num_processes: int) -> dict[str, Any]:
+    """The checkpoint's trainer_state.json, once it is known to continue this very run: the
+    same data plan (sequence i is the same text) and the same number of processes (each one's
+    RNG state is in the checkpoint)."""
+    try:
+        meta = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"cannot resume from {path}: its trainer_state.json cannot be read "
+                         f"({err}); resume from another checkpoint (--resume "
+                         "checkpoints/step-N)") from None
+    assert data.plan is not None
     if meta["data"]["plan"] != data.plan.fingerprint():
         raise UsageError(f"cannot resume from {path}: the data plan changed since it was written "
                          "(sources, weights, seq_len, budget or batch). Restore the recipe's data "
                          "section, or start a new stage with model.path pointing at a checkpoint.")
-    if meta["num_processes"] != accelerator.num_processes:
+    if meta["num_processes"] != num_processes:
         raise UsageError(f"cannot resume from {path}: it was written by "
-                         f"{meta['num_processes']} processes, this run has "
-                         f"{accelerator.num_processes}. Resume with the same --num-processes.")
+                         f"{meta['num_processes']} processes, this run has {num_processes}. "
+                         "Resume with the same --num-processes.")
+    return meta
+
+
+def _load_checkpoint(path: Path, accelerator: Any, model: Any, optimizer: Any, scheduler: Any,
+                     data: PreparedData) -> RunState:
+    from safetensors.torch import load_file
+
+    meta = check_resumable(path, data, accelerator.num_processes)
     unwrapped = accelerator.unwrap_model(model)
     weights: dict[str, torch.Tensor] = {}
     for shard in sorted(path.glob("*.safetensors")):

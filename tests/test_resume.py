@@ -133,8 +133,10 @@ def test_changed_data_section_is_refused(straight: dict[str, Any]) -> None:
                           train={"steps": STEPS, "checkpoint": {"every_steps": 3, "keep": 10},
                                  "schedule": {"name": "wsd", "warmup": 2, "decay": 0.5}},
                           eval={"every_steps": 4})
+    recipe_yaml = (run_dir / "recipe.yaml").read_text()
     with pytest.raises(UsageError, match="data plan changed.*Restore the recipe's data section"):
         train(changed, output_dir=str(run_dir), resume="auto")
+    assert (run_dir / "recipe.yaml").read_text() == recipe_yaml
     # The refusal touched nothing: the newest checkpoint is still the one to resume.
     assert complete_checkpoints(run_dir)[-1].name == "step-000006"
     assert not (run_dir / "final").exists()

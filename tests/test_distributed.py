@@ -1,0 +1,79 @@
+"""Two processes on CPU: `cpt train --num-processes 2` re-launches itself under `accelerate launch
+--multi_gpu` (a gloo group through Accelerator(cpu=True)), and its loss curve matches the
+1-process run with the same global batch: the loader gives each process disjoint sequences of the
+same global batch, and the loss is normalized by the global target count."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_trainer import read_metrics, recipe_file, weights, write_sources
+
+from cpt_cli.config import load_recipe
+from cpt_cli.errors import UsageError
+from cpt_cli.launch import accelerate_command
+from cpt_cli.trainer import train
+
+
+def test_accelerate_command_for_cpu_processes() -> None:
+    cmd = accelerate_command(2, None, ["train", "r.yaml", "--num-processes", "2"])
+    assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    # --cpu would start one process silently; --multi_gpu starts two, and the trainer's
+    # Accelerator(cpu=True) makes them a gloo group.
+    assert "--multi_gpu" in cmd and "--cpu" not in cmd
+    assert cmd[cmd.index("--num_processes") + 1] == "2"
+    assert cmd[-6:] == ["-m", "cpt_cli", "train", "r.yaml", "--num-processes", "2"]
+    with_config = accelerate_command(4, "fsdp.yaml", ["train", "r.yaml"])
+    assert with_config[with_config.index("--config_file") + 1] == "fsdp.yaml"
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path: Path) -> None:
+    paths = write_sources(tmp_path / "data")
+    recipe = recipe_file(tmp_path, "dist", [{"name": "prose", "path": paths["prose"]},
+                                            {"name": "code", "path": paths["code"]}],
+                         train={"steps": 6, "global_batch_size": 8, "micro_batch_size": 2,
+                                "checkpoint": {"every_steps": 3, "keep": 2}},
+                         eval={"every_steps": 3})
+    one = train(load_recipe(recipe), output_dir=str(tmp_path / "one"))
+    two_dir = tmp_path / "two"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "cpt_cli", "train", str(recipe),
+                           "--num-processes", "2", "--output-dir", str(two_dir)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    def curve(run_dir: Path) -> list[tuple[str, int, Any]]:
+        return [(e["event"], e["step"], e.get("loss") or e["domains"])
+                for e in read_metrics(run_dir)]
+
+    a, b = curve(one.run_dir), curve(two_dir)
+    assert [x[:2] for x in a] == [x[:2] for x in b]
+    assert [x[:2] for x in a if x[0] == "train"] == [("train", s) for s in range(1, 7)]
+    for (kind, step, x), (_, _, y) in zip(a, b, strict=True):
+        if kind == "train":
+            assert y == pytest.approx(x, rel=1e-4), step
+        else:
+            for name in x:
+                assert y[name]["bpb"] == pytest.approx(x[name]["bpb"], rel=1e-4), (step, name)
+    # The processes really were two: both wrote their RNG state, and the manifest says so.
+    ckpt = two_dir / "checkpoints" / "step-000003"
+    assert (ckpt / "rng-0.pt").is_file() and (ckpt / "rng-1.pt").is_file()
+    manifest = json.loads((two_dir / "final" / "manifest.json").read_text())
+    assert manifest["stages"][-1]["environment"]["num_processes"] == 2
+    # Same weights up to float reduction order.
+    wa, wb = weights(one.final_dir), weights(two_dir / "final")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-3, atol=1e-5)
+    # A 2-process checkpoint resumes only with 2 processes.
+    (two_dir / "final" / "eval" / "report.json").unlink()
+    with pytest.raises(UsageError, match="written by 2 processes.*same --num-processes"):
+        train(load_recipe(recipe), output_dir=str(two_dir), resume="auto")
