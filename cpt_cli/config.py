@@ -602,6 +602,8 @@ def check_semantics(recipe: Recipe, problems: list[str]) -> None:
             if (src.path is None) == (src.hf is None):
                 problems.append(f"{key}: set exactly one of path (local files) and hf (a "
                                 "Hugging Face dataset)")
+            elif isinstance(src.path, list) and not src.path:
+                problems.append(f"{key}.path: an empty list; give at least one file or glob")
             if not (src.weight > 0) or src.weight != src.weight or src.weight == float("inf"):
                 problems.append(f"{key}.weight: {src.weight} must be a positive number")
             if src.max_epochs is not None and src.max_epochs <= 0:
@@ -646,8 +648,10 @@ def check_semantics(recipe: Recipe, problems: list[str]) -> None:
                         "or set inherit: true with a cpt run as model.path")
     if r.buffer_tokens is not None and r.buffer_tokens <= 0:
         problems.append(f"data.replay.buffer_tokens: {r.buffer_tokens} must be positive")
-    if d.holdout.tokens < 0:
-        problems.append(f"data.holdout.tokens: {d.holdout.tokens} must be 0 or more")
+    if d.holdout.tokens <= 0:
+        # Without held-out text every bits-per-byte figure would be 0/0: nothing measured.
+        problems.append(f"data.holdout.tokens: {d.holdout.tokens} must be positive; the "
+                        "held-out set is how forgetting is measured (e.g. 100k)")
     if not (0 < d.holdout.max_fraction < 1):
         problems.append(f"data.holdout.max_fraction: {d.holdout.max_fraction} must be between "
                         "0 and 1")
