@@ -70,7 +70,7 @@ class TrainDisplay:
         info = (f"loss {event['loss']:.4f}  lr {event['lr']:.2e}  "
                 f"{event['tokens_per_s']:,.0f} tok/s  {event['tokens']:,} tokens")
         if event.get("mfu") is not None:
-            info += f"  MFU {event['mfu']:.2f}"
+            info += f"  MFU {event['mfu']:.1%}"
         if self.progress is not None:
             self.progress.update(self.task, completed=event["step"], info=info)
         else:

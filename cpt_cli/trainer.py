@@ -170,11 +170,15 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleConfig,
 
 
 def _precision(recipe: Recipe, cuda: bool) -> str:
+    """accelerate's mixed_precision for train.precision: autocast over fp32 master weights."""
     p = recipe.train.precision
     if p == "auto":
         return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
     if p == "fp32" or not cuda:
         return "no"  # CPU trains in fp32: bf16 autocast there is slower and less exact
+    if p == "bf16" and not torch.cuda.is_bf16_supported():
+        raise UsageError(f"train.precision: bf16 is not supported by this GPU "
+                         f"({torch.cuda.get_device_name()}); use fp16, fp32 or auto")
     return p
 
 
@@ -604,7 +608,7 @@ def _trackers(recipe: Recipe) -> list[str]:
         module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(name, name)
         if importlib.util.find_spec(module) is not None:
             available.append(name)
-        else:
+        elif os.environ.get("RANK", "0") in ("", "0"):  # said once, not by every process
             print(f"cpt: tracker {name!r} is not installed; logging to metrics.jsonl only",
                   file=sys.stderr)
     return available
@@ -748,6 +752,9 @@ def _save_checkpoint(run_dir: Path, state: RunState, accelerator: Any, model: An
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             write_json(tmp / MANIFEST, _manifest(recipe, data, state.step, accelerator))
+            # With its held-out texts a checkpoint is a valid model.path whose lineage a next
+            # stage can replay and evaluate (a wsd run's pre-decay checkpoint, say).
+            copy_heldout(run_dir, tmp)
         torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
 
     def publish() -> None:

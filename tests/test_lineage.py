@@ -140,3 +140,26 @@ def test_freezing_keeps_weights_unchanged(stages: dict[str, Any]) -> None:
     for name, tensor in after.items():
         frozen = "embed_tokens" in name or "layers.1.mlp" in name
         assert torch.equal(tensor, before[name]) == frozen, name
+
+
+def test_wsd_keeps_its_pre_decay_checkpoint_to_branch_from(stages: dict[str, Any]) -> None:
+    """keep: 1 rotates every other checkpoint away, but not the last one before the cooldown:
+    a later stage can start from the stable-phase weights (and replays the lineage)."""
+    tmp, paths = stages["tmp"], stages["paths"]
+    recipe = tiny_recipe(tmp, "wsd", [{"name": "prose", "path": paths["prose"]}],
+                         train={"steps": 8, "schedule": {"name": "wsd", "warmup": 2,
+                                                         "decay": 0.5},
+                                "checkpoint": {"every_steps": 1, "keep": 1}},
+                         eval={"every_steps": None})
+    run = train(recipe, output_dir=str(tmp / "runs" / "wsd"))
+    assert sorted(p.name for p in (run.run_dir / "checkpoints").iterdir()) == \
+        ["step-000004", "step-000007"]
+    branch = run.run_dir / "checkpoints" / "step-000004"
+    events = {e["step"]: e["lr"] for e in read_metrics(run.run_dir) if e["event"] == "train"}
+    assert events[4] == pytest.approx(3e-3) and events[5] < 3e-3  # step 5 starts the cooldown
+    child = train(_stage(tmp, "from-wsd", branch, "code", paths),
+                  output_dir=str(tmp / "runs" / "from-wsd"))
+    manifest = _manifest(child.final_dir)
+    assert [(s["name"], s["steps"]) for s in manifest["stages"]] == [("wsd", 4), ("from-wsd", 4)]
+    rows = {s["name"]: s for s in manifest["stages"][1]["sources"]}
+    assert rows["prose"]["inherited"] and rows["prose"]["sequences_trained"] > 0

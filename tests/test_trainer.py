@@ -8,6 +8,7 @@ text: a 2-layer Llama with hidden size 32 and a 320-token BPE trained in the tes
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -391,3 +392,90 @@ def test_world_size_guard() -> None:
     check_world(2, {"WORLD_SIZE": "2"})
     with pytest.raises(UsageError, match="WORLD_SIZE=2.*accelerate sees one.*--num-processes"):
         check_world(1, {"WORLD_SIZE": "2"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Options: activation checkpointing, compile, precision, MFU, trackers, plain output
+# ---------------------------------------------------------------------------------------------
+
+
+def test_activation_checkpointing_trains_the_same(run: dict[str, Any]) -> None:
+    def losses(name: str, **train_section: Any) -> list[float]:
+        recipe = tiny_recipe(run["tmp"], name, run["sources"],
+                             train={"steps": 3, "checkpoint": {"every_steps": None},
+                                    **train_section}, eval={"every_steps": None})
+        result = train(recipe, output_dir=str(run["tmp"] / "runs" / name))
+        return [e["loss"] for e in read_metrics(result.run_dir) if e["event"] == "train"]
+
+    plain = losses("no-ac")
+    recomputed = losses("ac", gradient_checkpointing=True)
+    # Recomputation repeats the same forward: the same losses to float precision.
+    assert recomputed == pytest.approx(plain, rel=1e-6)
+    assert len(plain) == 3
+
+
+def test_decoder_layers_are_found_for_per_layer_compile() -> None:
+    from cpt_cli.trainer import _decoder_layers
+
+    layers = _decoder_layers(_model({**TINY_MODEL, "vocab_size": 100}))
+    assert [type(layer).__name__ for layer in layers] == ["LlamaDecoderLayer"] * 2
+
+
+def test_training_flops_per_token() -> None:
+    from cpt_cli.trainer import training_flops_per_token
+
+    d, f, n_layers, vocab, seq = 32, 64, 2, 100, 64
+    per_layer = 4 * d * d + 3 * d * f + 2 * d  # q k v o, gate up down, two norms
+    matmul_params = n_layers * per_layer + d + vocab * d  # + final norm + output layer
+    expected = 6 * matmul_params + 12 * n_layers * d * seq
+    for tied in (False, True):
+        model = _model({**TINY_MODEL, "vocab_size": vocab, "tie_word_embeddings": tied})
+        # The input embedding is a lookup (no FLOPs); the output layer is a matmul, tied or not.
+        assert training_flops_per_token(model, seq) == expected
+
+
+def test_peak_flops_table_and_override() -> None:
+    from cpt_cli.trainer import peak_flops
+
+    assert peak_flops("NVIDIA H100 80GB HBM3", {}) == 989e12
+    assert peak_flops("NVIDIA H100 PCIe", {}) == 756e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", {}) == 312e12
+    assert peak_flops("Some Future GPU", {}) is None
+    assert peak_flops("Some Future GPU", {"CPT_PEAK_TFLOPS": "123.5"}) == 123.5e12
+
+
+def test_precision_on_cpu_is_fp32(tmp_path: Path) -> None:
+    from cpt_cli.trainer import _precision
+
+    for precision in ("auto", "bf16", "fp16", "fp32"):
+        recipe = tiny_recipe(tmp_path, "p", [{"name": "x", "path": "x.jsonl"}],
+                             train={"precision": precision})
+        assert _precision(recipe, cuda=False) == "no"
+
+
+def test_cli_output_off_a_terminal_is_plain(run: dict[str, Any],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off a terminal: no colour or cursor codes, one line per logged step with the step count
+    and an ETA, a line per checkpoint; a tracker that is not installed is named, never
+    required."""
+    from typer.testing import CliRunner
+
+    from cpt_cli.cli import app
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
+    path = recipe_file(run["tmp"], "plain", run["sources"],
+                       train={"steps": 4, "trackers": ["tensorboard"]},
+                       eval={"every_steps": 2})
+    result = CliRunner().invoke(app, ["train", str(path), "--output-dir",
+                                      str(run["tmp"] / "runs" / "plain")])
+    assert result.exit_code == 0, result.output
+    assert "\x1b[" not in result.output
+    assert re.search(r"^step 1/4  loss \d+\.\d+  lr \S+  [\d,]+ tok/s  256 tokens  ETA \d+m\d\ds$",
+                     result.output, re.MULTILINE), result.output
+    assert re.search(r"^checkpoint saved: \S+step-000002$", result.output, re.MULTILINE)
+    assert re.search(r"^eval step 2: bpb prose \d\.\d{4} \([+-]\d\.\d{4}\), code ", result.output,
+                     re.MULTILINE)
+    assert "tracker 'tensorboard' is not installed; logging to metrics.jsonl only" in \
+        result.output
