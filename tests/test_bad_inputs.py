@@ -723,15 +723,26 @@ class _Payload:
 
 def test_resume_refuses_a_pickled_object_in_the_checkpoint(cli: Any, tmp_path: Path,
                                                            tiny_recipe: dict,
-                                                           write_recipe: Any) -> None:
+                                                           write_recipe: Any,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
     """Resume state is read with torch.load(weights_only=True): an optimizer.pt carrying an
-    arbitrary object is refused with a message, and the object is never built."""
+    arbitrary object is refused with a message, and the object is never built. The run it
+    resumes also shows that an access token in the environment is neither printed nor written
+    into the run directory."""
     import torch
 
+    secret = "hf_cptTestSecretTokenDoNotLeak0123456789"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", secret)
     tiny_recipe["train"]["checkpoint"] = {"every_steps": 1, "keep": 2}
     recipe = write_recipe(tiny_recipe)
     first = cli("train", recipe)
     assert first.exit_code == 0, first.output
+    assert secret not in first.output
+    run_files = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
+    assert len(run_files) > 10
+    assert not [p for p in run_files if secret.encode() in p.read_bytes()]
     step1 = tmp_path / "runs" / "tiny" / "checkpoints" / "step-000001"
     state = torch.load(step1 / "optimizer.pt", weights_only=True)
     marker = tmp_path / "payload-ran"
@@ -743,3 +754,18 @@ def test_resume_refuses_a_pickled_object_in_the_checkpoint(cli: Any, tmp_path: P
     for phrase in ("optimizer.pt", "step-000001", "pickled", "weights_only=True"):
         assert phrase in result.output, result.output
     assert not marker.exists()
+
+
+def test_trust_remote_code_warns(tiny_recipe: dict, tiny_tokenizer: Path,
+                                 write_recipe: Any) -> None:
+    """A recipe that turns trust_remote_code on is told, every time, what that allows."""
+    from transformers import AutoTokenizer
+
+    from cpt_cli.config import load_recipe
+    from cpt_cli.modeling import load_model
+
+    tiny_recipe["model"]["trust_remote_code"] = True
+    recipe = load_recipe(write_recipe(tiny_recipe))
+    with pytest.warns(UserWarning, match="trust_remote_code is true: code shipped with the "
+                                         "model will run"):
+        load_model(recipe, AutoTokenizer.from_pretrained(str(tiny_tokenizer)))
