@@ -9,6 +9,7 @@ a config, a 300-token byte-level BPE trained on the recipe's own sources (cached
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -54,6 +55,23 @@ def quickstart_corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
     from cpt_cli.corpus import build_quickstart_corpus
 
     return build_quickstart_corpus(tmp_path_factory.mktemp("corpus"), max_documents=150)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory, quickstart_corpus: dict[str, Path],
+                   cpt_cache: Path) -> Path:
+    """A 300-token byte-level BPE (with BOS/EOS/PAD) saved to a folder: a `model.tokenizer` for
+    recipes whose sources change from test to test, so no test retrains a tokenizer."""
+    from cpt_cli.config import TokenizerTrainConfig
+    from cpt_cli.tokenization import train_tokenizer
+
+    texts = [json.loads(line)["text"] for line in
+             quickstart_corpus["prose"].read_text().splitlines()]
+    tok = train_tokenizer(texts, TokenizerTrainConfig(vocab_size=300), cpt_cache,
+                          "tests-tiny-tokenizer")
+    folder = tmp_path_factory.mktemp("tokenizer")
+    tok.save_pretrained(str(folder))
+    return folder
 
 
 @pytest.fixture
@@ -114,22 +132,3 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
         return runner.invoke(app, [str(a) for a in args])
 
     return invoke
-
-
-@pytest.fixture(scope="session")
-def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory, quickstart_corpus: dict[str, Path],
-                   cpt_cache: Path) -> Path:
-    """A 300-token byte-level BPE (with BOS/EOS/PAD) saved to a folder: a `model.tokenizer` for
-    recipes whose sources change from test to test, so no test retrains a tokenizer."""
-    import json
-
-    from cpt_cli.config import TokenizerTrainConfig
-    from cpt_cli.tokenization import train_tokenizer
-
-    texts = [json.loads(line)["text"] for line in
-             quickstart_corpus["prose"].read_text().splitlines()]
-    tok = train_tokenizer(texts, TokenizerTrainConfig(vocab_size=300), cpt_cache,
-                          "tests-tiny-tokenizer")
-    folder = tmp_path_factory.mktemp("tokenizer")
-    tok.save_pretrained(str(folder))
-    return folder
