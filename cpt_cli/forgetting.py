@@ -232,7 +232,11 @@ def _start_scores(model_dir: Path, domains: list[DomainText], base: str | None, 
     cache = run_dir / "eval" / f"base-{key.hexdigest()[:16]}.npz"
     if cache.is_file():
         return load_scores(cache)
-    model, tokenizer = _load(base, dev, torch.float32)
+    try:
+        model, tokenizer = _load(base, dev, torch.float32)
+    except UsageError as err:
+        raise UsageError(f"--base {base}: {err}. Pass the start model's folder or Hub id."
+                         ) from None
     scores = score_domains(model, tokenizer, domains, batch_tokens=batch_tokens,
                            autocast_dtype=autocast)
     if run_dir.is_dir() and (run_dir / MANIFEST).exists():

@@ -194,3 +194,11 @@ def test_lm_eval_local_task(two_stage: dict[str, Path], tmp_path: Path) -> None:
     acc = next(r for r in rows if r["metric"] == "acc")
     assert acc["task"] == "cpt_local_choice" and 0.0 <= acc["now"] <= 1.0
     assert acc["start"] is not None and acc["delta"] == pytest.approx(acc["now"] - acc["start"])
+
+
+def test_missing_base_names_the_option(two_stage: dict[str, Path], tmp_path: Path) -> None:
+    data = _write_jsonl(tmp_path / "p.jsonl", PROSE[:3])
+    result = runner.invoke(app, ["eval", str(two_stage["final2"]), "--data", f"p={data}",
+                                 "--base", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "--base" in result.output
+    assert "Traceback" not in result.output
