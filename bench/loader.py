@@ -116,6 +116,7 @@ def main() -> int:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     import torch
 
+    from cpt_cli.cache import default_cache_dir
     from cpt_cli.config import parse_size
     from cpt_cli.corpus import build_quickstart_corpus
 
@@ -123,7 +124,7 @@ def main() -> int:
     data = Path(args.data)
     build_quickstart_corpus(data)
     work = Path(tempfile.mkdtemp(prefix="cpt-bench-loader-"))
-    cache = Path(os.environ.get("CPT_CACHE", work / "cache"))
+    cache = default_cache_dir()  # $CPT_CACHE or ~/.cache/cpt: the token files are reused
     tok = tokenizer_folder(data, cache, work)
     steps = parse_size(args.tokens) // (args.seq_len * args.micro_batch * 8)
     results = []
@@ -136,6 +137,9 @@ def main() -> int:
               f"in {row['seconds']:.1f} s); plan of {row['plan_sequences']:,} sequences built "
               f"in {row['plan_setup_s']:.2f} s; resuming at the last step: first batch in "
               f"{row['resume_first_batch_s'] * 1000:.1f} ms", flush=True)
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
     ok = all(r["tokens_per_s"] >= 1e6 for r in results)
     if args.json:
         Path(args.json).write_text(json.dumps({

@@ -184,7 +184,9 @@ def main() -> int:
     paths = corpus(Path(args.data))
     docs = documents(paths)
     mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
-    tok = tokenizer_for(docs, Path(os.environ.get("CPT_CACHE", work / "cache")))
+    from cpt_cli.cache import default_cache_dir
+
+    tok = tokenizer_for(docs, default_cache_dir())  # trained once, then reused from the cache
     print(f"corpus: {len(docs):,} documents, {mb:.1f} MB of text ({', '.join(paths)}); "
           f"tokenizer: byte-level BPE, {len(tok):,} tokens; {os.cpu_count()} cores", flush=True)
 
