@@ -93,6 +93,10 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+class _StopNow(BaseException):
+    """A signal arrived before training started."""
+
+
 class _Signals:
     """SIGTERM and SIGINT (a preemption notice, Ctrl-C).
 
@@ -131,9 +135,9 @@ class _Signals:
             os._exit(128 + signum)
         self.received, self.exit_code = name, 128 + signum
         if not self.deferred:
-            raise TrainingStopped(f"received {name} before training started: nothing was "
-                                  "trained and nothing needs saving; run the same command "
-                                  "again to start.", exit_code=128 + signum)
+            # A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way
+            # (reading data, say) mistakes it for a failure; train() turns it into a stop.
+            raise _StopNow(name)
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
@@ -255,8 +259,13 @@ def train(recipe: Recipe, *, output_dir: str | None = None, resume: str | None =
     directory and the final forgetting report; raises `TrainingStopped` when the run stops early
     (signal, NaN loss, forgetting budget) and `UsageError` for anything the user can fix."""
     with _Signals() as signals:
-        return _train(recipe, signals, output_dir=output_dir, resume=resume, overwrite=overwrite,
-                      console=console, on_event=on_event)
+        try:
+            return _train(recipe, signals, output_dir=output_dir, resume=resume,
+                          overwrite=overwrite, console=console, on_event=on_event)
+        except _StopNow as stop:
+            raise TrainingStopped(f"received {stop} before training started: nothing was "
+                                  "trained and nothing needs saving; run the same command "
+                                  "again to start.", exit_code=signals.exit_code) from None
 
 
 def _train(recipe: Recipe, signals: _Signals, *, output_dir: str | None, resume: str | None,
@@ -810,13 +819,19 @@ def _discard(folder: Path) -> None:
 
 
 def remove_debris(run_dir: Path) -> None:
-    """Remove what a killed run left half-written or half-deleted (hidden `.tmp-`, `.old-`,
-    `.del-` folders); complete checkpoints are never touched."""
+    """Remove what a killed run left half-written or half-deleted (hidden `.tmp-` and `.del-`
+    folders); complete checkpoints are never touched. An `.old-X` whose replacement never
+    arrived (killed between the two renames of `_publish`) is complete: it becomes `X` again."""
     for folder in (run_dir, run_dir / CHECKPOINTS):
-        if folder.is_dir():
-            for path in folder.iterdir():
-                if path.name.startswith((".tmp-", ".old-", ".del-")) and path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if not path.is_dir():
+                continue
+            if path.name.startswith(".old-") and not (folder / path.name[5:]).exists():
+                os.replace(path, folder / path.name[5:])
+            elif path.name.startswith((".tmp-", ".old-", ".del-")):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _rotate(root: Path, keep: int) -> None:

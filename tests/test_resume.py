@@ -140,3 +140,25 @@ def test_changed_data_section_is_refused(straight: dict[str, Any]) -> None:
     # The refusal touched nothing: the newest checkpoint is still the one to resume.
     assert complete_checkpoints(run_dir)[-1].name == "step-000006"
     assert not (run_dir / "final").exists()
+
+
+def test_debris_of_a_killed_run_is_cleared_and_complete_checkpoints_kept(tmp_path: Path) -> None:
+    from cpt_cli.trainer import remove_debris
+
+    root = tmp_path / "checkpoints"
+
+    def folder(name: str, complete: bool = True) -> None:
+        (root / name).mkdir(parents=True)
+        if complete:
+            (root / name / "trainer_state.json").write_text("{}")
+
+    folder("step-000002")
+    folder(".tmp-step-000004", complete=False)   # killed while writing
+    folder(".old-step-000004")                   # killed between the two renames of a rewrite
+    folder(".old-step-000002")                   # killed before deleting a replaced folder
+    folder(".del-step-000001", complete=False)   # killed while deleting a rotated checkpoint
+    (tmp_path / ".tmp-final").mkdir()
+    remove_debris(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == ["step-000002", "step-000004"]
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-000002", "step-000004"]
+    assert not (tmp_path / ".tmp-final").exists()

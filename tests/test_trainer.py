@@ -479,3 +479,25 @@ def test_cli_output_off_a_terminal_is_plain(run: dict[str, Any],
                      re.MULTILINE)
     assert "tracker 'tensorboard' is not installed; logging to metrics.jsonl only" in \
         result.output
+
+
+def test_signal_before_training_stops_without_writing(run: dict[str, Any],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    from cpt_cli import trainer
+    from cpt_cli.errors import TrainingStopped
+
+    original = trainer.prepare_data
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the data is being prepared
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "prepare_data", interrupted)
+    run_dir = run["tmp"] / "runs" / "early"
+    with pytest.raises(TrainingStopped, match="SIGINT before training started") as stop:
+        train(tiny_recipe(run["tmp"], "early", run["sources"]), output_dir=str(run_dir))
+    assert stop.value.exit_code == 130
+    assert not run_dir.exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
