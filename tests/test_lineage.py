@@ -163,3 +163,35 @@ def test_wsd_keeps_its_pre_decay_checkpoint_to_branch_from(stages: dict[str, Any
     assert [(s["name"], s["steps"]) for s in manifest["stages"]] == [("wsd", 4), ("from-wsd", 4)]
     rows = {s["name"]: s for s in manifest["stages"][1]["sources"]}
     assert rows["prose"]["inherited"] and rows["prose"]["sequences_trained"] > 0
+
+
+def test_forgetting_budget_stops_after_a_checkpoint(stages: dict[str, Any],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """eval.max_forgetting_bpb: the evaluation that finds a retained domain over budget writes a
+    checkpoint, then stops (exit status 1) naming the domain and the figure. The forgetting is
+    forced (a 4-step tiny model forgets too little to rely on): the real report, with the worst
+    retained domain's figure raised to 0.5."""
+    from cpt_cli import trainer
+    from cpt_cli.errors import TrainingStopped
+
+    real = trainer.forgetting_table
+
+    def forgetting(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        report = real(*args, **kwargs)
+        if args[1] is not None:  # against the start: a report of forgetting
+            report["summary"].update(max_forgetting_bpb=0.5, worst_forgetting_domain="prose")
+        return report
+
+    monkeypatch.setattr(trainer, "forgetting_table", forgetting)
+    tmp = stages["tmp"]
+    recipe = _stage(tmp, "budget", stages["r1"].final_dir, "code", stages["paths"],
+                    eval={"every_steps": 2, "max_forgetting_bpb": 0.1})
+    run_dir = tmp / "runs" / "budget"
+    with pytest.raises(TrainingStopped, match=r"domain 'prose' forgot 0\.5000 bits per byte at "
+                                              r"step 2, above eval.max_forgetting_bpb 0.1") as stop:
+        train(recipe, output_dir=str(run_dir))
+    assert stop.value.exit_code == 1
+    assert (run_dir / "checkpoints" / "step-000002" / "trainer_state.json").is_file()
+    assert not (run_dir / "final").exists()
+    evals = [e for e in read_metrics(run_dir) if e["event"] == "eval"]
+    assert [e["step"] for e in evals] == [0, 2]
