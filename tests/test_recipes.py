@@ -168,7 +168,6 @@ def test_local_recipe_is_planned_by_mix_inspect(name: str, layout: Path) -> None
     assert not missing, f"docs/cli.md documents mix inspect keys that do not exist: {missing}"
 
 
-@pytest.mark.slow
 def test_quickstart_stage_two_inherits_the_base_lineage(layout: Path) -> None:
     """Train a 2-step stand-in of quickstart-base (tiny model, same data), then plan cpt.yaml and
     finetune.yaml against it as written: replay comes from the lineage, and the fine-tune still
