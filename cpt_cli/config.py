@@ -244,7 +244,7 @@ class TrainConfig:
     steps: int | None = None
     """Optimizer steps (exactly one of tokens and steps)."""
     global_batch_tokens: Size | None = None
-    """Tokens per optimizer step across all processes (a multiple of seq_len)."""
+    """Tokens per optimizer step across all processes; rounded to whole sequences (1M at seq_len 2048 is 488 sequences)."""
     global_batch_size: int | None = None
     """Sequences per optimizer step, instead of global_batch_tokens."""
     micro_batch_size: int = 8
@@ -669,9 +669,10 @@ def check_semantics(recipe: Recipe, problems: list[str]) -> None:
         problems.append("train: set exactly one of train.global_batch_tokens (e.g. 1M) and "
                         "train.global_batch_size (sequences)")
     if t.global_batch_tokens is not None and d.seq_len >= 2 and \
-            (t.global_batch_tokens <= 0 or t.global_batch_tokens % d.seq_len):
-        problems.append(f"train.global_batch_tokens: {t.global_batch_tokens} must be a "
-                        f"positive multiple of data.seq_len ({d.seq_len})")
+            t.global_batch_tokens < d.seq_len:
+        problems.append(f"train.global_batch_tokens: {t.global_batch_tokens} is less than one "
+                        f"sequence of data.seq_len ({d.seq_len}) tokens; use at least "
+                        f"{d.seq_len}")
     if t.global_batch_size is not None and t.global_batch_size <= 0:
         problems.append(f"train.global_batch_size: {t.global_batch_size} must be positive")
     if t.micro_batch_size <= 0:

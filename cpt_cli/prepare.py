@@ -292,8 +292,10 @@ def prepare_data(recipe: Recipe, *, progress: Progress | None = None,
 def batch_geometry(recipe: Recipe, num_processes: int) -> tuple[int, int, int]:
     """(global batch in sequences, gradient accumulation, steps) for this recipe."""
     t, L = recipe.train, recipe.data.seq_len
+    # Sizes are decimal (1M = 1,000,000), so a token batch is rarely a multiple of seq_len: it is
+    # rounded to whole sequences, and `cpt mix inspect` shows the exact figure.
     global_batch = t.global_batch_size if t.global_batch_size is not None else \
-        int(t.global_batch_tokens or 0) // L
+        max(1, round(int(t.global_batch_tokens or 0) / L))
     per_step = t.micro_batch_size * num_processes
     if global_batch % per_step:
         raise RecipeError(

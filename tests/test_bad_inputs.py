@@ -188,7 +188,7 @@ def _without(*dotted: str) -> Mutate:
 
 def _global_tokens(recipe: dict[str, Any], tmp: Path) -> None:
     del recipe["train"]["global_batch_size"]
-    recipe["train"]["global_batch_tokens"] = 100
+    recipe["train"]["global_batch_tokens"] = 10
 
 
 def _replay(ratio: float) -> Mutate:
@@ -337,8 +337,8 @@ RECIPE_CASES = [
          ("data.sources[1].template", "{question.__class__}", "plain field name")),
     Case("template-positional", setting(data__sources__1__template="Q: {}"),
          ("data.sources[1].template", "named placeholders")),
-    Case("global-batch-tokens-not-multiple", _global_tokens,
-         ("train.global_batch_tokens", "multiple of data.seq_len")),
+    Case("global-batch-tokens-below-one-sequence", _global_tokens,
+         ("train.global_batch_tokens", "less than one sequence")),
     Case("micro-batch-does-not-divide", setting(train__global_batch_size=5),
          ("micro_batch_size", "multiple of 2")),
     Case("checkpoint-keep-zero", setting(train__checkpoint__keep=0),

@@ -246,9 +246,9 @@ def test_required_keys() -> None:
      "model.train_tokenizer"),
     ({"train": {"steps": 1, "tokens": "1M", "global_batch_size": 8}}, "train", "exactly one"),
     ({"train": {"steps": 1}}, "train", "global_batch_tokens"),
-    ({"train": {"steps": 1, "global_batch_tokens": 100}, "data": {
+    ({"train": {"steps": 1, "global_batch_tokens": 10}, "data": {
         "seq_len": 64, "sources": [{"name": "a", "path": "a"}]}}, "train.global_batch_tokens",
-     "multiple of data.seq_len (64)"),
+     "less than one sequence of data.seq_len (64)"),
     ({"name": "a/b"}, "name", "folder name"),
     ({"data": {"sources": [{"name": "a", "path": "a", "template": "{q"}]}},
      "data.sources[0].template", "format string"),
