@@ -41,6 +41,7 @@ bench: setup
 	$(BIN)/python bench/tokenize_cache.py
 	$(BIN)/python bench/loader.py
 	$(BIN)/python bench/cpu_train.py
+	$(BIN)/python bench/eval_speed.py
 
 docs: setup
 	$(BIN)/python -m cpt_cli.docgen
