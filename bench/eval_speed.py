@@ -29,12 +29,16 @@ from cpt_cli.tokenization import train_tokenizer  # noqa: E402
 TOKENS = 100_000
 
 
+def _text(record: dict) -> str:
+    if "text" in record:
+        return record["text"]
+    return f"Question: {record['question']}\nAnswer: {record['answer']}"
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = build_quickstart_corpus(Path(tmp) / "corpus")
-        texts = {d: [json.loads(line).get("text") or
-                     f"Question: {json.loads(line)['question']}\nAnswer: "
-                     f"{json.loads(line)['answer']}" for line in open(p)]
+        texts = {d: [_text(json.loads(line)) for line in p.read_text().splitlines()]
                  for d, p in paths.items()}
         tok = train_tokenizer(iter(texts["prose"] + texts["qa"]), TokenizerTrainConfig(
             vocab_size=1024), Path(tmp) / "cache", "bench-eval")

@@ -42,8 +42,8 @@ def run_tasks(model: Any, tokenizer: Any, tasks: list[str], *, include_path: str
     results: dict[str, dict[str, float]] = {}
     for task, metrics in (out or {}).get("results", {}).items():
         results[task] = {k.split(",")[0]: float(v) for k, v in metrics.items()
-                         if isinstance(v, (int, float)) and not k.startswith(("alias", "sample_len"))
-                         and "_stderr" not in k}
+                         if isinstance(v, (int, float))
+                         and not k.startswith(("alias", "sample_len")) and "_stderr" not in k}
     return results
 
 

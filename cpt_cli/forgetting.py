@@ -18,8 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cpt_cli.errors import UsageError
-from cpt_cli.evaluation import (DomainText, forgetting_table, load_scores, save_scores,
-                                score_domains)
+from cpt_cli.evaluation import DomainText, forgetting_table, load_scores, save_scores, score_domains
 from cpt_cli.lineage import HELDOUT_DIR, MANIFEST, read_heldout
 from cpt_cli.scoring import DocumentScores
 from cpt_cli.trainer import CHECKPOINTS, complete_checkpoints
