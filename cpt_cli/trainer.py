@@ -408,23 +408,32 @@ def _train(recipe: Recipe, signals: _Signals, *, output_dir: str | None, resume:
         step_loss = torch.zeros((), device=device)
         for a, mb in enumerate(micro_batches):
             sync = a == len(micro_batches) - 1
+            # Restarting position_ids are the document masking (transformers builds the
+            # block-diagonal mask from them); across documents the model's own positions,
+            # computed once per batch rather than per row, are the same thing for less.
+            positions = None if recipe.data.cross_document_attention else \
+                mb.position_ids.to(device, non_blocking=True)
             with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
                 out = model(input_ids=mb.input_ids.to(device, non_blocking=True),
-                            position_ids=mb.position_ids.to(device, non_blocking=True),
+                            position_ids=positions,
                             labels=mb.labels.to(device, non_blocking=True),
                             num_items_in_batch=num_items, use_cache=False)
                 accelerator.backward(out.loss)
             step_loss += out.loss.detach()
-        # One host sync per step, which also carries every process's stop request: a NaN must
-        # stop the update before it lands, and all processes must stop at the same step.
+        norm = None
+        if recipe.train.grad_clip is not None:  # None under DeepSpeed, which clips itself
+            norm = accelerator.clip_grad_norm_(model.parameters(), recipe.train.grad_clip)
+        # One reduce and one host sync per step (a GPU stall each), carrying the loss, every
+        # process's stop request and the gradient norm: a NaN must stop the update before it
+        # lands, and all processes must stop after the same step.
         flags = torch.stack([step_loss, torch.tensor(float(signals.received is not None),
                                                      device=device)])
         flags = accelerator.reduce(flags, reduction="sum") if P > 1 else flags
-        loss_value, stop_requested = float(flags[0]) / P, bool(flags[1] > 0)
-        grad_norm = None
-        if recipe.train.grad_clip is not None and math.isfinite(loss_value):
-            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(),
-                                                          recipe.train.grad_clip))
+        if norm is not None:
+            flags = torch.cat([flags, torch.as_tensor(norm, device=device).float().reshape(1)])
+        host = flags.tolist()
+        loss_value, stop_requested = host[0] / P, host[1] > 0
+        grad_norm = host[2] if norm is not None else None
         # The lr this update uses (the scheduler then moves on to the next step's); the first
         # group holds matrices, whose lr_scale is 1.
         lr_used = scheduler.get_last_lr()[0] / optimizer.param_groups[0]["lr_scale"]

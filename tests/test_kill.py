@@ -31,7 +31,7 @@ from cpt_cli.trainer import complete_checkpoints, train
 pytestmark = pytest.mark.slow
 
 KILLS = 10
-STEPS = 40
+STEPS = 50
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json", "optimizer.pt",
                     "scheduler.pt", "rng-0.pt", "trainer_state.json", "manifest.json")
 
@@ -52,7 +52,7 @@ def _wait_for(log: Path, pattern: str, proc: subprocess.Popen[bytes], timeout: f
             return True
         if proc.poll() is not None:
             return False
-        time.sleep(0.02)
+        time.sleep(0.005)
     raise AssertionError(f"no {pattern!r} in {timeout} s:\n{log.read_text()}")
 
 
@@ -102,21 +102,27 @@ def test_sigkill_ten_times_then_resume_is_bit_exact(straight: dict[str, Any],
     rng = random.Random(20261126)
     run_dir = tmp_path / "run"
     history: list[dict[str, Any]] = []
-    mid_write = 0
+    mid_write, first_step_after = 0, 0.0
     for attempt in range(KILLS):
         expected = _newest_step(run_dir)
         log = tmp_path / f"launch-{attempt}.log"
-        proc = _launch(recipe, run_dir, log)
+        proc, launched = _launch(recipe, run_dir, log), time.monotonic()
         if attempt % 4 == 3:
-            # Anywhere from the imports to the first steps.
-            time.sleep(rng.uniform(0.5, 8.0))
+            # Anywhere from the imports to the first steps: up to 0.7 of the time the first
+            # launch took to its first step (imports, data, start evaluation).
+            time.sleep(rng.uniform(0.1, 0.7) * first_step_after)
         else:
-            # Somewhere in training: 1 to 4 steps after the resume point (so every such kill
-            # makes progress however loaded the machine is), then up to 0.3 s more, which on
-            # this tiny model often lands inside the next checkpoint's write.
-            target = (expected or 0) + rng.randint(1, 4)
+            # Somewhere in training: 2 to 5 steps after the resume point (so every such kill
+            # makes progress however loaded the machine is), then up to 1.2 times the last
+            # step's duration more; a step includes its checkpoint, so this often lands inside
+            # the next checkpoint's write.
+            target = (expected or 0) + rng.randint(2, 5)
+            assert _wait_for(log, rf"^step {target - 1}\b", proc, timeout=120), log.read_text()
+            before = time.monotonic()
+            if attempt == 0:
+                first_step_after = before - launched
             assert _wait_for(log, rf"^step {target}\b", proc, timeout=120), log.read_text()
-            time.sleep(rng.uniform(0.0, 0.3))
+            time.sleep(rng.uniform(0.0, 1.2) * (time.monotonic() - before))
         assert proc.poll() is None, f"launch {attempt} finished before its kill:\n" \
                                     f"{log.read_text()}"
         proc.send_signal(signal.SIGKILL)
@@ -155,7 +161,7 @@ def test_sigint_then_double_sigterm_then_resume(straight: dict[str, Any], tmp_pa
     assert proc.wait(timeout=60) == 130, log.read_text()
     text = log.read_text()
     assert "Traceback" not in text
-    stopped = re.search(r"received SIGINT at step (\d+) of 40: checkpoint saved", text)
+    stopped = re.search(r"received SIGINT at step (\d+) of 50: checkpoint saved", text)
     assert stopped, text
     step = int(stopped.group(1))
     assert step == max(int(s) for s in re.findall(r"^step (\d+)", text, re.MULTILINE))
