@@ -325,7 +325,7 @@ def _train(recipe: Recipe, signals: _Signals, *, output_dir: str | None, resume:
     # per step on the quickstart model's 1M parameters against 6.8 ms for the per-tensor loop.
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
     if o.load_from_parent and resume_from is None:
-        _load_parent_optimizer(recipe, optimizer)
+        _load_parent_optimizer(recipe, model, optimizer)
 
     # Nothing is written before here: a bad recipe or bad data leaves no trace.
     def set_up_run_dir() -> None:
@@ -757,8 +757,9 @@ def _save_checkpoint(run_dir: Path, state: RunState, accelerator: Any, model: An
     root = run_dir / CHECKPOINTS
     tmp, target = root / f".tmp-{name}", root / name
     main = accelerator.is_main_process
-    # Gathered on every process: under FSDP or DeepSpeed this is a collective.
+    # Gathered on every process: under FSDP or DeepSpeed these are collectives.
     unwrapped, state_dict = accelerator.unwrap_model(model), accelerator.get_state_dict(model)
+    optim_state = _optimizer_state(accelerator, model, optimizer)
 
     def prepare() -> None:
         if main:
@@ -768,7 +769,7 @@ def _save_checkpoint(run_dir: Path, state: RunState, accelerator: Any, model: An
     def write() -> None:
         if main:
             _save_model(tmp, unwrapped, state_dict, data)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(optim_state, tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             write_json(tmp / MANIFEST, _manifest(recipe, data, state.step, accelerator))
             # With its held-out texts a checkpoint is a valid model.path whose lineage a next
@@ -889,7 +890,7 @@ def _load_checkpoint(path: Path, accelerator: Any, model: Any, optimizer: Any, s
     if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
         raise UsageError(f"checkpoint {path} does not match the model "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    optimizer.load_state_dict(_load_state(path / "optimizer.pt"))
+    _restore_optimizer(accelerator, model, optimizer, _load_state(path / "optimizer.pt"))
     scheduler.load_state_dict(_load_state(path / "scheduler.pt"))
     rng = path / f"rng-{accelerator.process_index}.pt"
     if rng.exists():
@@ -913,7 +914,36 @@ def _load_state(path: Path) -> Any:
                          ) from None
 
 
-def _load_parent_optimizer(recipe: Recipe, optimizer: torch.optim.Optimizer) -> None:
+def _optimizer_state(accelerator: Any, model: Any, optimizer: Any) -> dict[str, Any]:
+    """The whole optimizer state, keyed by parameter name, through torch's distributed
+    state-dict API: under FSDP each process holds a shard and this gathers them (a collective:
+    every process calls it); for one process or DDP it is the plain state under names. Names
+    rather than positions also let a next stage load it into a model built anew. DeepSpeed
+    keeps its own partitioned state, saved as its wrapper gives it."""
+    from accelerate.utils import DistributedType
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return optimizer.state_dict()
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True))
+
+
+def _restore_optimizer(accelerator: Any, model: Any, optimizer: Any,
+                       state: dict[str, Any]) -> None:
+    """The inverse of `_optimizer_state`: every process reads the full state and keeps its
+    shard."""
+    from accelerate.utils import DistributedType
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if accelerator is not None and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        optimizer.load_state_dict(state)
+        return
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def _load_parent_optimizer(recipe: Recipe, model: Any, optimizer: torch.optim.Optimizer) -> None:
     location = model_location(recipe)
     path = Path(location or "") / "optimizer.pt"
     if not path.is_file():
@@ -924,8 +954,17 @@ def _load_parent_optimizer(recipe: Recipe, optimizer: torch.optim.Optimizer) -> 
     # lr_scale); only the moments and step counts carry over, this stage's settings apply.
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     try:
-        optimizer.load_state_dict(state)
-    except ValueError as err:
+        if len(state["param_groups"]) != len(optimizer.param_groups):
+            raise ValueError(f"{len(state['param_groups'])} parameter groups in the parent, "
+                             f"{len(optimizer.param_groups)} here")
+        # Only the moments and step counts carry over: the groups take this stage's settings
+        # (the parent's LambdaLR also left an initial_lr that a fresh optimizer lacks).
+        state["param_groups"] = [{**{k: v for k, v in now.items() if k != "params"},
+                                  "params": saved["params"]}
+                                 for now, saved in zip(optimizer.param_groups,
+                                                       state["param_groups"], strict=True)]
+        _restore_optimizer(None, model, optimizer, state)
+    except (ValueError, KeyError, RuntimeError) as err:
         raise UsageError(f"train.optimizer.load_from_parent: the parent's optimizer state in "
                          f"{path} does not match this model's trainable parameters ({err}); "
                          "use the same train.freeze as the parent, or set "
@@ -992,13 +1031,14 @@ def _save_final(run_dir: Path, state: RunState, accelerator: Any, model: Any, op
     tmp = run_dir / ".tmp-final"
     main = accelerator.is_main_process
     unwrapped, state_dict = accelerator.unwrap_model(model), accelerator.get_state_dict(model)
+    optim_state = _optimizer_state(accelerator, model, optimizer)
 
     def write() -> None:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             _save_model(tmp, unwrapped, state_dict, data)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(optim_state, tmp / "optimizer.pt")
             manifest = _manifest(recipe, data, state.step, accelerator)
             write_json(tmp / MANIFEST, manifest)
             copy_heldout(run_dir, tmp)

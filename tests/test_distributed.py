@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,16 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     (two_dir / "final" / "eval" / "report.json").unlink()
     with pytest.raises(UsageError, match="written by 2 processes.*same --num-processes"):
         train(load_recipe(recipe), output_dir=str(two_dir), resume="auto")
+    # And it does resume with 2 processes: the optimizer state gathered under names (torch's
+    # distributed state-dict API) restores on both ranks, ending where the straight run ended.
+    straight = weights(two_dir / "final")
+    shutil.rmtree(two_dir / "final")
+    proc = subprocess.run([sys.executable, "-m", "cpt_cli", "train", str(recipe),
+                           "--num-processes", "2", "--output-dir", str(two_dir),
+                           "--resume", "auto"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "resuming at step 3" in proc.stderr
+    resumed = weights(two_dir / "final")
+    for name in straight:
+        assert torch.equal(resumed[name], straight[name]), name
