@@ -32,8 +32,11 @@ class MicroBatch:
 class PackedLoader:
     def __init__(self, plan: MixturePlan, streams: list[Stream], *, micro_batch_size: int,
                  grad_accum: int, num_processes: int = 1, rank: int = 0,
-                 document_masking: bool = True) -> None:
+                 document_masking: bool = True, pin_memory: bool = False) -> None:
         self.plan, self.streams = plan, streams
+        # Page-locked host memory lets `.to(cuda, non_blocking=True)` copy while the GPU still
+        # computes the previous micro batch; on CPU it would only cost a copy.
+        self.pin_memory = pin_memory
         self.micro, self.accum = micro_batch_size, grad_accum
         self.P, self.rank = num_processes, rank
         self.document_masking = document_masking
@@ -63,6 +66,9 @@ class PackedLoader:
             position_ids = torch.arange(input_ids.shape[1]).expand_as(input_ids).contiguous()
         # The model shifts labels by one: the first position is never a target.
         label_tokens = int((labels[:, 1:] != -100).sum())
+        if self.pin_memory:
+            input_ids, labels, position_ids = (t.pin_memory() for t in
+                                               (input_ids, labels, position_ids))
         return MicroBatch(input_ids, labels, position_ids, np.asarray(sources), label_tokens)
 
     def step_label_tokens(self, step: int) -> int:

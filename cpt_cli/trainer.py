@@ -348,7 +348,8 @@ def _train(recipe: Recipe, signals: _Signals, *, output_dir: str | None, resume:
         state = _load_checkpoint(resume_from, accelerator, model, optimizer, scheduler, data)
     loader = PackedLoader(data.plan, data.streams, micro_batch_size=recipe.train.micro_batch_size,
                           grad_accum=accum, num_processes=P, rank=rank,
-                          document_masking=not recipe.data.cross_document_attention)
+                          document_masking=not recipe.data.cross_document_attention,
+                          pin_memory=accelerator.device.type == "cuda")
     metrics = _write_together(
         accelerator, "metrics.jsonl", run_dir / "metrics.jsonl",
         lambda: MetricsLog(run_dir / "metrics.jsonl", main,
