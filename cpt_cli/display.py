@@ -46,9 +46,6 @@ class TrainDisplay:
             self.console.print(f"tokenizing {source}: {documents:,} documents, {tokens:,} tokens",
                                highlight=False)
 
-    def data_done(self) -> None:
-        pass
-
     def start_training(self, steps: int, start_step: int, tokens_per_step: int) -> None:
         if not self.enabled:
             return

@@ -299,7 +299,6 @@ def _train(recipe: Recipe, signals: _Signals, *, output_dir: str | None, resume:
     with accelerator.main_process_first():  # rank 0 fills the cache; the others then read it
         data = prepare_data(recipe, progress=display.data_progress)
         data = plan_data(recipe, data, P)
-    display.data_done()
     _, accum, steps = batch_geometry(recipe, P)
     if resume_from is not None:
         check_resumable(resume_from, data, P)  # before anything in the run directory changes
