@@ -21,6 +21,8 @@ from cpt_cli.scoring import DocumentScores, bootstrap_delta_bpb, score_documents
 
 @dataclass
 class DomainText:
+    """A domain's held-out texts to score: this stage's sources and every lineage domain."""
+
     name: str
     role: str              # "target" or "retained"
     texts: list[str]

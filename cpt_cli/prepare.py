@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from cpt_cli.cache import DEFAULT_POOL_TOKENS, TokenizedSource, default_cache_dir, prepare_source
 from cpt_cli.config import Recipe, SourceConfig, build, resolve_path
 from cpt_cli.errors import RecipeError, UsageError
+from cpt_cli.evaluation import DomainText
 from cpt_cli.lineage import Lineage, read_heldout, read_lineage
 from cpt_cli.mixture import MixturePlan, PlanSource, make_plan
 from cpt_cli.packing import BestFitStream, ConcatStream
@@ -60,20 +61,11 @@ class Domain:
 
 
 @dataclass
-class EvalDomain:
-    """A held-out set to evaluate: this stage's domains plus lineage domains not trained now."""
-
-    name: str
-    role: str        # "target" or "retained"
-    texts: list[str]
-
-
-@dataclass
 class PreparedData:
     tokenizer: PreTrainedTokenizerBase
     tokenizer_fp: str
     domains: list[Domain]
-    eval_domains: list[EvalDomain]
+    eval_domains: list[DomainText]
     lineage: Lineage | None
     cache_dir: Path
     warnings: list[str] = field(default_factory=list)
@@ -276,14 +268,14 @@ def prepare_data(recipe: Recipe, *, progress: Progress | None = None,
         d.dropped_duplicates = int(duplicate.sum())
         d.heldout_tokens = int(sum(h["tokens"] for h in d.heldout))
 
-    eval_domains = [EvalDomain(d.name, d.eval_role, [h["text"] for h in d.heldout])
+    eval_domains = [DomainText(d.name, d.eval_role, [h["text"] for h in d.heldout])
                     for d in domains]
     names = {d.name for d in domains}
     for src in recorded.values():
         if src.name not in names:  # an earlier domain not replayed now: still evaluated
             texts = [h["text"] for h in read_heldout(src.heldout_file)
                      if not np.isin(np.uint64(h["hash"]), trained)]
-            eval_domains.append(EvalDomain(src.name, "retained", texts))
+            eval_domains.append(DomainText(src.name, "retained", texts))
     return PreparedData(tokenizer=tokenizer, tokenizer_fp=tok_fp, domains=domains,
                         eval_domains=eval_domains, lineage=lineage, cache_dir=cache_dir,
                         warnings=warnings)

@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 
 from cpt_cli.config import Recipe, ScheduleConfig, save_recipe
 from cpt_cli.errors import TrainingStopped, UsageError
-from cpt_cli.evaluation import DomainText, forgetting_table, load_scores, save_scores, score_domains
+from cpt_cli.evaluation import forgetting_table, load_scores, save_scores, score_domains
 from cpt_cli.lineage import (
     FORMAT,
     HELDOUT_DIR,
@@ -364,7 +364,7 @@ def _train(recipe: Recipe, signals: _Signals, *, output_dir: str | None, resume:
 
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
         accelerator.mixed_precision)
-    domains = [DomainText(d.name, d.role, d.texts) for d in data.eval_domains]
+    domains = data.eval_domains
     roles = {d.name: d.role for d in domains}
 
     def evaluate() -> dict[str, Any]:
@@ -747,6 +747,18 @@ def _save_model(folder: Path, unwrapped: Any, state_dict: dict[str, torch.Tensor
     data.tokenizer.save_pretrained(str(folder))
 
 
+def _write_model_folder(folder: Path, run_dir: Path, unwrapped: Any, state_dict: Any,
+                        optim_state: dict[str, Any], manifest: dict[str, Any],
+                        data: PreparedData) -> None:
+    """What a checkpoint and final/ share: the Hugging Face model and tokenizer, the optimizer
+    state, the manifest and the held-out texts. With those a folder is a valid model.path whose
+    lineage a next stage can replay and evaluate (a wsd run's pre-decay checkpoint, say)."""
+    _save_model(folder, unwrapped, state_dict, data)
+    torch.save(optim_state, folder / "optimizer.pt")
+    write_json(folder / MANIFEST, manifest)
+    copy_heldout(run_dir, folder)
+
+
 def _save_checkpoint(run_dir: Path, state: RunState, accelerator: Any, model: Any,
                      optimizer: Any, scheduler: Any, data: PreparedData, recipe: Recipe,
                      keep_forever: bool = False) -> Path:
@@ -768,13 +780,9 @@ def _save_checkpoint(run_dir: Path, state: RunState, accelerator: Any, model: An
 
     def write() -> None:
         if main:
-            _save_model(tmp, unwrapped, state_dict, data)
-            torch.save(optim_state, tmp / "optimizer.pt")
+            _write_model_folder(tmp, run_dir, unwrapped, state_dict, optim_state,
+                                _manifest(recipe, data, state.step, accelerator), data)
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            write_json(tmp / MANIFEST, _manifest(recipe, data, state.step, accelerator))
-            # With its held-out texts a checkpoint is a valid model.path whose lineage a next
-            # stage can replay and evaluate (a wsd run's pre-decay checkpoint, say).
-            copy_heldout(run_dir, tmp)
         torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
 
     def publish() -> None:
@@ -1037,11 +1045,8 @@ def _save_final(run_dir: Path, state: RunState, accelerator: Any, model: Any, op
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            _save_model(tmp, unwrapped, state_dict, data)
-            torch.save(optim_state, tmp / "optimizer.pt")
             manifest = _manifest(recipe, data, state.step, accelerator)
-            write_json(tmp / MANIFEST, manifest)
-            copy_heldout(run_dir, tmp)
+            _write_model_folder(tmp, run_dir, unwrapped, state_dict, optim_state, manifest, data)
             _fsync_tree(tmp)
             _publish(tmp, final)
             write_json(run_dir / MANIFEST, manifest)
