@@ -368,6 +368,7 @@ def score_documents(
                     input_ids=batch.input_ids,
                     attention_mask=batch.attention_mask,
                     position_ids=position_ids,
+                    use_cache=False,  # no KV cache to build (and, compiled, to guard on)
                 ).logits
                 row_nll = _row_nll(logits, batch)
                 del logits  # one batch of logits alive at a time

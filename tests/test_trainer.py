@@ -421,6 +421,31 @@ def test_decoder_layers_are_found_for_per_layer_compile() -> None:
     assert [type(layer).__name__ for layer in layers] == ["LlamaDecoderLayer"] * 2
 
 
+@pytest.mark.slow
+def test_compiled_layers_train_without_falling_back(run: dict[str, Any]) -> None:
+    """train.compile: every decoder layer shares its compiled graphs (one for scoring, one for
+    training), so the held-out evaluations and the steps stay compiled instead of hitting
+    dynamo's recompile limit (8) and silently running eager, as they did when scoring built a
+    KV cache whose per-layer state became a guard."""
+    from torch._dynamo.utils import counters
+
+    def losses(name: str, **train_section: Any) -> list[float]:
+        recipe = tiny_recipe(run["tmp"], name, run["sources"],
+                             train={"steps": 4, "checkpoint": {"every_steps": None},
+                                    **train_section}, eval={"every_steps": 2})
+        result = train(recipe, output_dir=str(run["tmp"] / "runs" / name))
+        return [e["loss"] for e in read_metrics(result.run_dir) if e["event"] == "train"]
+
+    torch.compiler.reset()
+    counters.clear()
+    compiled = losses("compiled", compile=True)
+    frames = dict(counters["frames"])
+    assert frames["total"] == frames["ok"], frames  # no frame gave up and ran eager
+    assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+    torch.compiler.reset()
+    assert compiled == pytest.approx(losses("eager"), rel=1e-4)
+
+
 def test_training_flops_per_token() -> None:
     from cpt_cli.trainer import training_flops_per_token
 
