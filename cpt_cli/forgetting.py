@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cpt_cli.errors import UsageError
 from cpt_cli.evaluation import DomainText, forgetting_table, load_scores, save_scores, score_domains
+from cpt_cli.hostmemory import keep_freed_memory
 from cpt_cli.lineage import HELDOUT_DIR, MANIFEST, read_heldout
 from cpt_cli.scoring import DocumentScores
 from cpt_cli.trainer import CHECKPOINTS, complete_checkpoints
@@ -112,6 +113,7 @@ def evaluate(path: str | Path, *, data: dict[str, str] | None = None, base: str 
     if not path.exists():
         raise UsageError(f"{path} does not exist: pass a final/ folder, a checkpoint, or a run "
                          "directory")
+    keep_freed_memory()  # no page faults on each batch's re-touched logits (see hostmemory)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # On GPU score in bf16 autocast over fp32 weights; log-softmax is taken in fp32 either way.
     autocast = torch.bfloat16 if dev.type == "cuda" else None
