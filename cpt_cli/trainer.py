@@ -287,6 +287,10 @@ def _train(recipe: Recipe, signals: _Signals, *, output_dir: str | None, resume:
     resume_from = _resume_point(run_dir, resume, overwrite)
 
     cuda = torch.cuda.is_available()
+    if recipe.train.compile and not cuda and cpu_compiler(os.environ) is None:
+        raise UsageError("train.compile: true on CPU needs a C++ compiler (torch.compile builds "
+                         "its CPU kernels with one) and none was found (CXX, g++, clang++, c++); "
+                         "install one (e.g. apt install g++) or set train.compile: false")
     accelerator = Accelerator(cpu=not cuda, mixed_precision=_precision(recipe, cuda),
                               log_with=_trackers(recipe) or None,
                               project_dir=str(run_dir))
@@ -633,6 +637,18 @@ def _trackers(recipe: Recipe) -> list[str]:
             print(f"cpt: tracker {name!r} is not installed; logging to metrics.jsonl only",
                   file=sys.stderr)
     return available
+
+
+def cpu_compiler(environ: Mapping[str, str]) -> str | None:
+    """The C++ compiler torch.compile's CPU backend would use: $CXX, else the first of g++,
+    clang++ or c++ on PATH."""
+    if environ.get("CXX"):
+        return shutil.which(environ["CXX"], path=environ.get("PATH"))
+    for name in ("g++", "clang++", "c++"):
+        found = shutil.which(name, path=environ.get("PATH"))
+        if found:
+            return found
+    return None
 
 
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

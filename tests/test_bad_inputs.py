@@ -646,6 +646,22 @@ def test_bad_train_options(case: Case, cli: Any, tmp_path: Path, tiny_recipe: di
         assert phrase in out, f"{phrase!r} not in:\n{out}"
 
 
+def test_compile_on_cpu_without_a_compiler(cli: Any, tmp_path: Path, tiny_recipe: dict,
+                                           write_recipe: Any,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compile would fail at the first step with an inductor traceback; cpt says why first."""
+    (tmp_path / "no-compilers").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "no-compilers"))
+    monkeypatch.delenv("CXX", raising=False)
+
+    def compile_on(recipe: dict[str, Any], tmp: Path) -> None:
+        _set(recipe, "train.compile", True)
+
+    out = run_bad(cli, tmp_path, tiny_recipe, write_recipe, compile_on, "train")
+    for phrase in ("train.compile", "C++ compiler", "train.compile: false"):
+        assert phrase in out, out
+
+
 @pytest.mark.parametrize("args, expect", [
     (["nowhere/final"], ("nowhere/final", "does not exist")),
     (["data"], ("data", "neither a model folder")),

@@ -469,6 +469,19 @@ def test_peak_flops_table_and_override() -> None:
     assert peak_flops("Some Future GPU", {"CPT_PEAK_TFLOPS": "123.5"}) == 123.5e12
 
 
+def test_cpu_compiler_lookup(tmp_path: Path) -> None:
+    from cpt_cli.trainer import cpu_compiler
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    assert cpu_compiler({"PATH": str(bin_dir)}) is None
+    clang = bin_dir / "clang++"
+    clang.write_text("#!/bin/sh\n")
+    clang.chmod(0o755)
+    assert cpu_compiler({"PATH": str(bin_dir)}) == str(clang)
+    assert cpu_compiler({"PATH": str(bin_dir), "CXX": "icpx"}) is None  # $CXX decides
+
+
 def test_precision_on_cpu_is_fp32(tmp_path: Path) -> None:
     from cpt_cli.trainer import _precision
 
