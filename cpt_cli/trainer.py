@@ -291,7 +291,8 @@ def _train(recipe: Recipe, signals: _Signals, *, output_dir: str | None, resume:
         raise UsageError("train.compile: true on CPU needs a C++ compiler (torch.compile builds "
                          "its CPU kernels with one) and none was found (CXX, g++, clang++, c++); "
                          "install one (e.g. apt install g++) or set train.compile: false")
-    accelerator = Accelerator(cpu=not cuda, mixed_precision=_precision(recipe, cuda),
+    accelerator = Accelerator(**_accelerator_device(cuda, os.environ),
+                              mixed_precision=_precision(recipe, cuda),
                               log_with=_trackers(recipe) or None,
                               project_dir=str(run_dir))
     check_world(accelerator.num_processes, os.environ)
@@ -306,6 +307,9 @@ def _train(recipe: Recipe, signals: _Signals, *, output_dir: str | None, resume:
         data = prepare_data(recipe, progress=display.data_progress)
         data = plan_data(recipe, data, P)
     _, accum, steps = batch_geometry(recipe, P)
+    deepspeed = _is_deepspeed(accelerator)
+    if deepspeed:
+        _configure_deepspeed(accelerator, recipe, accum)
     if resume_from is not None:
         check_resumable(resume_from, data, P)  # before anything in the run directory changes
 
@@ -419,15 +423,27 @@ def _train(recipe: Recipe, signals: _Signals, *, output_dir: str | None, resume:
             # computed once per batch rather than per row, are the same thing for less.
             positions = None if recipe.data.cross_document_attention else \
                 mb.position_ids.to(device, non_blocking=True)
-            with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
+            if deepspeed:
+                # DeepSpeed's engine reduces and steps inside backward when told this is the
+                # last micro batch; cpt's loss is already the global mean's share, so the
+                # engine must not divide it by its accumulation steps again.
+                accelerator.sync_gradients = sync
+                no_sync: Any = contextlib.nullcontext()
+                backward_kwargs = {"scale_wrt_gas": False}
+            else:
+                no_sync = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
+                backward_kwargs = {}
+            with no_sync:
                 out = model(input_ids=mb.input_ids.to(device, non_blocking=True),
                             position_ids=positions,
                             labels=mb.labels.to(device, non_blocking=True),
                             num_items_in_batch=num_items, use_cache=False)
-                accelerator.backward(out.loss)
+                accelerator.backward(out.loss, **backward_kwargs)
             step_loss += out.loss.detach()
         norm = None
-        if recipe.train.grad_clip is not None:  # None under DeepSpeed, which clips itself
+        if recipe.train.grad_clip is not None:
+            # Under DeepSpeed the engine has already clipped (gradient_clipping, set from
+            # train.grad_clip) and stepped: this only reads the norm it measured.
             norm = accelerator.clip_grad_norm_(model.parameters(), recipe.train.grad_clip)
         # One reduce and one host sync per step (a GPU stall each), carrying the loss, every
         # process's stop request and the gradient norm: a NaN must stop the update before it
@@ -446,6 +462,8 @@ def _train(recipe: Recipe, signals: _Signals, *, output_dir: str | None, resume:
         bad = not math.isfinite(loss_value) or (
             check_grad_norm and grad_norm is not None and not math.isfinite(grad_norm))
         if bad:
+            # Under DeepSpeed the engine's update has already landed (it steps inside
+            # backward): the step is counted and can stop the run, but is not undone.
             state.bad_steps += 1
         else:
             optimizer.step()
@@ -565,6 +583,69 @@ def _train(recipe: Recipe, signals: _Signals, *, output_dir: str | None, resume:
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return TrainResult(run_dir=run_dir, final_dir=final_dir, report=report, steps=state.step)
+
+
+def _accelerator_device(cuda: bool, env: Mapping[str, str]) -> dict[str, Any]:
+    """Accelerator arguments that give a real process group on this machine.
+
+    Without a GPU, `cpu=True` makes the launched processes a gloo group (MULTI_CPU), but
+    accelerate then ignores a DeepSpeed config altogether (`ACCELERATE_USE_DEEPSPEED`, set by
+    `accelerate launch` for `distributed_type: DEEPSPEED`, is honoured only when cpu is False):
+    the run would silently be plain data parallel. Under DeepSpeed on CPU, cpu=False with an
+    explicit gloo backend gives DeepSpeed's engine on a 2-process gloo group; without the
+    backend each process would report `num_processes == 1` (checked with accelerate 1.15,
+    deepspeed 0.19.8)."""
+    if cuda:
+        return {"cpu": False}
+    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        from accelerate.utils import InitProcessGroupKwargs
+
+        return {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+    return {"cpu": True}
+
+
+def _is_deepspeed(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator is not None and accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def _configure_deepspeed(accelerator: Any, recipe: Recipe, accum: int) -> None:
+    """Give DeepSpeed's config the recipe's batch geometry and clipping: cpt passes no
+    DataLoader to `prepare`, so accelerate cannot infer the micro batch, and the engine (which
+    accumulates, clips and steps by itself) must agree with cpt's loop. "auto" or absent values
+    are filled; a value that contradicts the recipe is refused (exit 2), since the effective
+    batch or clipping would silently differ from the recipe's."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    stage = config.get("zero_optimization", {}).get("stage")
+    if stage not in (1, 2):
+        # Stage 3 partitions the weights too: cpt's checkpoint and final/ code reads and writes
+        # whole weights, and only stages 1 and 2 are tested (tests/test_deepspeed.py).
+        raise UsageError(f"deepspeed_config zero_stage {stage}: cpt supports DeepSpeed ZeRO "
+                         "stages 1 and 2; for sharded weights use FSDP (docs/distributed.md), "
+                         "for plain data parallel leave DeepSpeed out of the accelerate config")
+    t = recipe.train
+    wanted = {"train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
+              "gradient_accumulation_steps": (accum, "global batch / (micro batch x processes)"),
+              # DeepSpeed reads 0 as no clipping.
+              "gradient_clipping": (t.grad_clip or 0.0, "train.grad_clip")}
+    problems = []
+    for key, (value, source) in wanted.items():
+        have = config.get(key, "auto")
+        if have in ("auto", None):
+            config[key] = value
+        elif float(have) != float(value):
+            problems.append(f"deepspeed_config {key}: {have}, but cpt's is {value} ({source}); "
+                            f"set it to {value} or to auto")
+    train_batch = t.micro_batch_size * accum * accelerator.num_processes
+    if config.get("train_batch_size", "auto") not in ("auto", None, train_batch):
+        problems.append(f"deepspeed_config train_batch_size: {config['train_batch_size']}, but "
+                        f"the recipe's global batch is {train_batch}; set it to auto")
+    config["train_batch_size"] = train_batch
+    if problems:
+        raise UsageError("the accelerate config's DeepSpeed settings disagree with the recipe:",
+                         problems)
+    accelerator.gradient_accumulation_steps = accum
 
 
 def check_world(num_processes: int, env: Mapping[str, str]) -> None:
@@ -789,7 +870,7 @@ def _save_checkpoint(run_dir: Path, state: RunState, accelerator: Any, model: An
     main = accelerator.is_main_process
     # Gathered on every process: under FSDP or DeepSpeed these are collectives.
     unwrapped, state_dict = accelerator.unwrap_model(model), accelerator.get_state_dict(model)
-    optim_state = _optimizer_state(accelerator, model, optimizer)
+    optim_state = _optimizer_state(accelerator, model, optimizer, recipe)
 
     def prepare() -> None:
         if main:
@@ -816,7 +897,13 @@ def _save_checkpoint(run_dir: Path, state: RunState, accelerator: Any, model: An
             _publish(tmp, target)
             _rotate(root, recipe.train.checkpoint.keep)
 
-    for phase in (prepare, write, publish):
+    def write_deepspeed() -> None:
+        # Its own phase, on every process, after `prepare` made the folder: the engine's save
+        # waits for all processes inside, so none may have left early from a failed write.
+        if _is_deepspeed(accelerator):
+            _save_deepspeed_state(tmp, model)
+
+    for phase in (prepare, write_deepspeed, write, publish):
         _write_together(accelerator, f"checkpoint {name}", target, phase, cleanup=tmp)
     return target
 
@@ -903,9 +990,23 @@ def check_resumable(path: Path, data: PreparedData, num_processes: int) -> dict[
 
 def _load_checkpoint(path: Path, accelerator: Any, model: Any, optimizer: Any, scheduler: Any,
                      data: PreparedData) -> RunState:
+    meta = check_resumable(path, data, accelerator.num_processes)
+    if _is_deepspeed(accelerator):
+        _load_deepspeed_state(path, model)
+    else:
+        _load_weights_and_optimizer(path, accelerator, model, optimizer)
+    scheduler.load_state_dict(_load_state(path / "scheduler.pt"))
+    rng = path / f"rng-{accelerator.process_index}.pt"
+    if rng.exists():
+        _set_rng_state(_load_state(rng))
+    return RunState(step=meta["step"], bad_steps=meta["bad_steps"],
+                    peak_forgetting=meta["peak_forgetting"])
+
+
+def _load_weights_and_optimizer(path: Path, accelerator: Any, model: Any,
+                                optimizer: Any) -> None:
     from safetensors.torch import load_file
 
-    meta = check_resumable(path, data, accelerator.num_processes)
     unwrapped = accelerator.unwrap_model(model)
     weights: dict[str, torch.Tensor] = {}
     for shard in sorted(path.glob("*.safetensors")):
@@ -916,13 +1017,39 @@ def _load_checkpoint(path: Path, accelerator: Any, model: Any, optimizer: Any, s
     if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
         raise UsageError(f"checkpoint {path} does not match the model "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    _restore_optimizer(accelerator, model, optimizer, _load_state(path / "optimizer.pt"))
-    scheduler.load_state_dict(_load_state(path / "scheduler.pt"))
-    rng = path / f"rng-{accelerator.process_index}.pt"
-    if rng.exists():
-        _set_rng_state(_load_state(rng))
-    return RunState(step=meta["step"], bad_steps=meta["bad_steps"],
-                    peak_forgetting=meta["peak_forgetting"])
+    _restore_optimizer(model, optimizer, _load_state(path / "optimizer.pt"))
+
+
+# Under DeepSpeed a checkpoint also holds the engine's own checkpoint in deepspeed/<tag>/: the
+# module's weights (mp_rank_00_model_states.pt) and one optimizer partition per process
+# (zero_pp_rank_R_mp_rank_00_optim_states.pt, with the fp32 master weights and the moments).
+DEEPSPEED_DIR = "deepspeed"
+DEEPSPEED_TAG = "state"
+
+
+def _save_deepspeed_state(folder: Path, engine: Any) -> None:
+    """Every process writes its own partition through the engine's public save_checkpoint (a
+    collective). No `latest` file: cpt's step-N folder names the checkpoint, and the tag is
+    fixed. The scheduler is cpt's own (scheduler.pt), not the engine's."""
+    engine.save_checkpoint(str(folder / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
+
+
+def _load_deepspeed_state(path: Path, engine: Any) -> None:
+    """Restore weights, fp32 master weights and optimizer partitions through the engine's
+    public load_checkpoint: loading model.safetensors alone would leave ZeRO's fp32 master copy
+    (from which the next update is computed) at its initial values."""
+    if not (path / DEEPSPEED_DIR / DEEPSPEED_TAG).is_dir():
+        raise UsageError(f"cannot resume from {path} under DeepSpeed: it has no "
+                         f"{DEEPSPEED_DIR}/{DEEPSPEED_TAG}/ folder (it was written without "
+                         "DeepSpeed). Resume with the launch that wrote it, or start a new stage "
+                         "with model.path pointing at it.")
+    loaded, _ = engine.load_checkpoint(str(path / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
+                                       load_optimizer_states=True,
+                                       load_lr_scheduler_states=False, load_module_only=False)
+    if loaded is None:
+        raise UsageError(f"cannot resume from {path}: DeepSpeed could not load "
+                         f"{path / DEEPSPEED_DIR / DEEPSPEED_TAG} (see its log above); resume "
+                         "from another checkpoint (--resume checkpoints/step-N).")
 
 
 def _load_state(path: Path) -> Any:
@@ -940,31 +1067,79 @@ def _load_state(path: Path) -> Any:
                          ) from None
 
 
-def _optimizer_state(accelerator: Any, model: Any, optimizer: Any) -> dict[str, Any]:
+def _optimizer_state(accelerator: Any, model: Any, optimizer: Any,
+                     recipe: Recipe) -> dict[str, Any]:
     """The whole optimizer state, keyed by parameter name, through torch's distributed
     state-dict API: under FSDP each process holds a shard and this gathers them (a collective:
     every process calls it); for one process or DDP it is the plain state under names. Names
-    rather than positions also let a next stage load it into a model built anew. DeepSpeed
-    keeps its own partitioned state, saved as its wrapper gives it."""
-    from accelerate.utils import DistributedType
+    rather than positions also let a next stage load it into a model built anew. Under DeepSpeed
+    the same layout is assembled from the engine's partitions (see `_deepspeed_optimizer_state`).
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return optimizer.state_dict()
+    if _is_deepspeed(accelerator):
+        return _deepspeed_optimizer_state(model, optimizer, recipe)
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True))
 
 
-def _restore_optimizer(accelerator: Any, model: Any, optimizer: Any,
-                       state: dict[str, Any]) -> None:
+def _deepspeed_optimizer_state(engine: Any, optimizer: Any, recipe: Recipe) -> dict[str, Any]:
+    """Under ZeRO 1/2 every process holds one contiguous slice of each parameter group's
+    flattened AdamW moments. Each process cuts its slice into per-parameter fragments with the
+    map its optimizer's `state_dict()` publishes (`param_slice_mappings`: name -> start and
+    numel), and the main process gathers them (a collective: every process calls it) into the
+    layout of `get_optimizer_state_dict(full_state_dict=True)`: moments and step under parameter
+    names, groups listing names. So `final/optimizer.pt` serves a next stage's
+    `optimizer.load_from_parent` whatever the launch. Resume does not read it: it restores
+    DeepSpeed's own per-process files (`_save_deepspeed_state`), which are exact.
+
+    (DeepSpeed's `safe_get_full_optimizer_state` would do this per parameter, but in 0.19.8 it
+    only knows the first parameter group's moments: the ZeRO optimizer links its fragments after
+    stepping group 0 alone, and cpt has up to 3 groups.) Returns {} on the other processes."""
+    from deepspeed.checkpoint.constants import BASE_OPTIMIZER_STATE, PARAM_SLICE_MAPPINGS
+
+    zero = optimizer.state_dict()
+    flat_state = zero[BASE_OPTIMIZER_STATE]["state"]  # group i's flat partition is param i
+    mine: dict[str, dict[str, torch.Tensor]] = {}
+    for g, mapping in enumerate(zero[PARAM_SLICE_MAPPINGS]):
+        flat = flat_state.get(g)
+        if not flat:
+            continue  # no update yet: torch's state has no entry either
+        for name, address in mapping.items():
+            mine[name] = {"step": flat["step"].detach().cpu().clone(), **{
+                key: flat[key].narrow(0, address.start, address.numel).detach().cpu().clone()
+                for key in ("exp_avg", "exp_avg_sq")}}
+    main = engine.global_rank == 0
+    pieces: list[Any] = [None] * torch.distributed.get_world_size() if main else []
+    torch.distributed.gather_object(mine, pieces if main else None, dst=0)
+    if not main:
+        return {}
+    module = engine.module
+    names = {id(p): n for n, p in module.named_parameters()}
+    shapes = {n: p.shape for n, p in module.named_parameters()}
+    state: dict[str, Any] = {}
+    for name in shapes:
+        # A parameter may span processes: its fragments, in process order, are the whole.
+        owned = [piece[name] for piece in pieces if name in piece]
+        if not owned:
+            continue
+        state[name] = {"step": owned[0]["step"], **{
+            key: torch.cat([o[key] for o in owned]).view(shapes[name])
+            for key in ("exp_avg", "exp_avg_sq")}}
+    # The grouping the optimizer was built with (param_groups is deterministic): DeepSpeed
+    # replaced each group's parameters by one flat partition, and the names are what is saved.
+    groups = param_groups(module, recipe)
+    saved_groups = [{**{k: v for k, v in live.items() if k != "params"},
+                     "params": [names[id(p)] for p in group["params"]]}
+                    for group, live in zip(groups, optimizer.param_groups, strict=True)]
+    return {"state": state, "param_groups": saved_groups}
+
+
+def _restore_optimizer(model: Any, optimizer: Any, state: dict[str, Any]) -> None:
     """The inverse of `_optimizer_state`: every process reads the full state and keeps its
-    shard."""
-    from accelerate.utils import DistributedType
+    shard. (Not under DeepSpeed: a DeepSpeed checkpoint resumes from the engine's own files.)"""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    if accelerator is not None and accelerator.distributed_type == DistributedType.DEEPSPEED:
-        optimizer.load_state_dict(state)
-        return
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
                              options=StateDictOptions(full_state_dict=True))
 
@@ -989,7 +1164,7 @@ def _load_parent_optimizer(recipe: Recipe, model: Any, optimizer: torch.optim.Op
                                   "params": saved["params"]}
                                  for now, saved in zip(optimizer.param_groups,
                                                        state["param_groups"], strict=True)]
-        _restore_optimizer(None, model, optimizer, state)
+        _restore_optimizer(model, optimizer, state)
     except (ValueError, KeyError, RuntimeError) as err:
         raise UsageError(f"train.optimizer.load_from_parent: the parent's optimizer state in "
                          f"{path} does not match this model's trainable parameters ({err}); "
@@ -1057,7 +1232,7 @@ def _save_final(run_dir: Path, state: RunState, accelerator: Any, model: Any, op
     tmp = run_dir / ".tmp-final"
     main = accelerator.is_main_process
     unwrapped, state_dict = accelerator.unwrap_model(model), accelerator.get_state_dict(model)
-    optim_state = _optimizer_state(accelerator, model, optimizer)
+    optim_state = _optimizer_state(accelerator, model, optimizer, recipe)
 
     def write() -> None:
         if main:
