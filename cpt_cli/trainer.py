@@ -278,7 +278,7 @@ def _train(recipe: Recipe, signals: _Signals, *, output_dir: str | None, resume:
     from cpt_cli.display import TrainDisplay
 
     hf_logging.disable_progress_bar()  # "Writing model shards" bars would drown the live view
-    keep_freed_memory()  # 6-10% of a CPU step was page faults on re-touched memory (hostmemory)
+    keep_freed_memory()  # no page faults on re-touched memory each step (see hostmemory)
 
     problems = check_model_path(recipe)
     if problems:
@@ -334,6 +334,14 @@ def _train(recipe: Recipe, signals: _Signals, *, output_dir: str | None, resume:
     # per step on the quickstart model's 1M parameters against 6.8 ms for the per-tensor loop.
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
     if o.load_from_parent and resume_from is None:
+        if deepspeed:
+            # DeepSpeed re-partitions the optimizer in prepare(), after this point, from the
+            # parameters alone: a state loaded here would not reach the partitions.
+            raise UsageError("train.optimizer.load_from_parent does not work under DeepSpeed "
+                             "yet (DeepSpeed rebuilds the optimizer's state when it partitions "
+                             "it); set load_from_parent: false (the stage re-warms a fresh "
+                             "optimizer, the default) or launch with FSDP or plain data "
+                             "parallel (docs/distributed.md)")
         _load_parent_optimizer(recipe, model, optimizer)
 
     # Nothing is written before here: a bad recipe or bad data leaves no trace.
@@ -378,8 +386,14 @@ def _train(recipe: Recipe, signals: _Signals, *, output_dir: str | None, resume:
     roles = {d.name: d.role for d in domains}
 
     def evaluate() -> dict[str, Any]:
-        return score_domains(model, data.tokenizer, domains, batch_tokens=recipe.eval.batch_tokens,
-                             autocast_dtype=autocast_dtype, max_length=context)
+        # Compiled layers score eagerly: held-out batches vary in shape and run without grad,
+        # so compiling them would cost two more graphs (dynamic shapes, inference mode) for a
+        # few batches, and eager scoring gives exactly the figures `cpt eval` computes later.
+        with torch.compiler.set_stance("force_eager") if recipe.train.compile else \
+                contextlib.nullcontext():
+            return score_domains(model, data.tokenizer, domains,
+                                 batch_tokens=recipe.eval.batch_tokens,
+                                 autocast_dtype=autocast_dtype, max_length=context)
 
     def eval_event(report: dict[str, Any], step: int) -> dict[str, Any]:
         return {"event": "eval", "step": step, "tokens": step * loader.global_batch * L,

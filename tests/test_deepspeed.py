@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_trainer import recipe_file, weights, write_sources
+from test_trainer import recipe_file, tiny_config, weights, write_sources
 
 
 def _free_port() -> int:
@@ -87,3 +87,21 @@ def test_zero_resume_is_bit_exact(tmp_path: Path, stage: int) -> None:
     for name, moments in straight_optimizer["state"].items():
         for key, value in moments.items():
             assert torch.equal(resumed_optimizer["state"][name][key], value), (name, key)
+    if stage != 2:
+        return
+    # A next stage that asks for the parent's optimizer state under DeepSpeed is refused up
+    # front (DeepSpeed would rebuild the state when it partitions), not silently re-warmed.
+    child_config = tiny_config(tmp_path, "zero-child", [{"name": "prose", "path": paths["prose"]}],
+                               train={"steps": 2, "global_batch_size": 16, "micro_batch_size": 4,
+                                      "optimizer": {"load_from_parent": True}},
+                               launch={"accelerate_config": str(config)})
+    child_config["model"] = {"path": str(run_dir / "final")}
+    child = tmp_path / "zero-child.yaml"
+    child.write_text(yaml.safe_dump(child_config))
+    proc = subprocess.run([sys.executable, "-m", "cpt_cli", "train", str(child), "--num-processes",
+                           "2", "--output-dir", str(tmp_path / "child")], capture_output=True,
+                          text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "load_from_parent does not work under DeepSpeed" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "child").exists()

@@ -180,7 +180,8 @@ def test_quickstart_stage_two_inherits_the_base_lineage(layout: Path) -> None:
             "model.init.config.num_key_value_heads=2", "model.train_tokenizer.vocab_size=300",
             "data.seq_len=64", "data.holdout.tokens=1k", "train.tokens=null", "train.steps=2",
             "train.global_batch_tokens=512", "train.micro_batch_size=8",
-            "train.checkpoint.every_steps=null", "eval.every_steps=null"]
+            "train.checkpoint.every_steps=null", "eval.every_steps=null",
+            "train.compile=false"]
     base = load_recipe(layout / "recipes" / "quickstart" / "base.yaml", tiny)
     train(base, output_dir=str(layout / "runs" / "quickstart-base"))
     assert (layout / "runs" / "quickstart-base" / "final" / "manifest.json").is_file()

@@ -162,3 +162,36 @@ def test_debris_of_a_killed_run_is_cleared_and_complete_checkpoints_kept(tmp_pat
     assert sorted(p.name for p in root.iterdir()) == ["step-000002", "step-000004"]
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-000002", "step-000004"]
     assert not (tmp_path / ".tmp-final").exists()
+
+
+@pytest.mark.slow
+def test_compiled_run_resumed_in_a_new_process_is_bit_exact(tmp_path: Path) -> None:
+    """train.compile (the quickstart recipes use it): a resumed process compiles the layers
+    again, and its kernels must give the bits the straight run's did."""
+    import subprocess
+    import sys
+
+    import yaml
+    from test_trainer import tiny_config
+
+    paths = write_sources(tmp_path / "data")
+    config = tiny_config(tmp_path, "compiled", [
+        {"name": "prose", "path": paths["prose"]}, {"name": "code", "path": paths["code"]}],
+        train={"steps": 7, "compile": True, "checkpoint": {"every_steps": 3, "keep": 10}},
+        eval={"every_steps": 3})
+    recipe = tmp_path / "compiled.yaml"
+    recipe.write_text(yaml.safe_dump(config))
+
+    def cpt_train(run_dir: Path, *extra: str) -> None:
+        proc = subprocess.run([sys.executable, "-m", "cpt_cli", "train", str(recipe),
+                               "--output-dir", str(run_dir), *extra], capture_output=True,
+                              text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    cpt_train(tmp_path / "straight")
+    rewound = tmp_path / "rewound"
+    shutil.copytree(tmp_path / "straight", rewound)
+    shutil.rmtree(rewound / "final")
+    shutil.rmtree(rewound / "checkpoints" / "step-000006")
+    cpt_train(rewound, "--resume", "auto")
+    _assert_same_run(tmp_path / "straight", rewound)

@@ -423,10 +423,10 @@ def test_decoder_layers_are_found_for_per_layer_compile() -> None:
 
 @pytest.mark.slow
 def test_compiled_layers_train_without_falling_back(run: dict[str, Any]) -> None:
-    """train.compile: every decoder layer shares its compiled graphs (one for scoring, one for
-    training), so the held-out evaluations and the steps stay compiled instead of hitting
-    dynamo's recompile limit (8) and silently running eager, as they did when scoring built a
-    KV cache whose per-layer state became a guard."""
+    """train.compile: every decoder layer shares one compiled graph for training, so the steps
+    stay compiled instead of hitting dynamo's recompile limit (8) and silently running eager, as
+    they did when scoring built a KV cache whose per-layer state became a guard; the held-out
+    evaluations run eager (their shapes vary) and give the same figures as an eager run."""
     from torch._dynamo.utils import counters
 
     def losses(name: str, **train_section: Any) -> list[float]:
@@ -441,9 +441,12 @@ def test_compiled_layers_train_without_falling_back(run: dict[str, Any]) -> None
     compiled = losses("compiled", compile=True)
     frames = dict(counters["frames"])
     assert frames["total"] == frames["ok"], frames  # no frame gave up and ran eager
-    assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     torch.compiler.reset()
     assert compiled == pytest.approx(losses("eager"), rel=1e-4)
+    evals = {name: [e["domains"] for e in read_metrics(run["tmp"] / "runs" / name)
+                    if e["event"] == "eval" and e["step"] == 0] for name in ("compiled", "eager")}
+    assert evals["compiled"] == evals["eager"]  # the start model, scored eagerly by both
 
 
 def test_training_flops_per_token() -> None:
