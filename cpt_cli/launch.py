@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 LAUNCHED_ENV = "CPT_LAUNCHED"
 
@@ -45,6 +47,63 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def check_before_launch(recipe: Any, config_file: Path | None) -> None:
+    """Refuse here, once, with exit status 2, what every launched process would refuse: the
+    launcher would wrap each process's message in its own traceback and exit 1. Checks the model
+    location, the accelerate config (readable; DeepSpeed settings this recipe can train under)
+    and the data, which it also tokenizes into the cache the processes then read."""
+    from cpt_cli.errors import UsageError
+    from cpt_cli.modeling import check_model_path
+    from cpt_cli.prepare import prepare_data
+    from cpt_cli.trainer import deepspeed_problems
+
+    problems = check_model_path(recipe)
+    if problems:
+        raise UsageError("the recipe's model cannot be used:", problems)
+    if config_file is not None:
+        stage = _deepspeed_stage(config_file)
+        if stage is not _NOT_DEEPSPEED:
+            problems = deepspeed_problems(stage, recipe)
+            if problems:
+                raise UsageError(f"this recipe cannot train under {config_file}'s DeepSpeed:",
+                                 problems)
+    prepare_data(recipe)
+
+
+_NOT_DEEPSPEED = object()
+
+
+def _deepspeed_stage(config_file: Path) -> Any:
+    """The ZeRO stage an accelerate config file asks for, or _NOT_DEEPSPEED."""
+    import json
+
+    import yaml
+
+    from cpt_cli.errors import UsageError
+
+    def read(path: Path) -> Any:
+        try:
+            text = path.read_text()
+            return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (OSError, ValueError, yaml.YAMLError) as err:
+            raise UsageError(f"launch.accelerate_config: cannot read {path} ({err}); write it "
+                             "with `accelerate config` or fix the path") from None
+
+    config = read(config_file)
+    if not isinstance(config, dict):
+        raise UsageError(f"launch.accelerate_config: {config_file} is not an accelerate config "
+                         "(a YAML mapping); write it with `accelerate config`")
+    if str(config.get("distributed_type", "")).upper() != "DEEPSPEED":
+        return _NOT_DEEPSPEED
+    deepspeed = config.get("deepspeed_config") or {}
+    if deepspeed.get("deepspeed_config_file"):  # a DeepSpeed JSON, beside the accelerate file
+        path = Path(deepspeed["deepspeed_config_file"]).expanduser()
+        if not path.is_absolute() and not path.exists():  # accelerate reads it from the cwd
+            path = config_file.parent / path
+        return (read(path).get("zero_optimization") or {}).get("stage")
+    return deepspeed.get("zero_stage")
 
 
 def relaunch(num_processes: int, config_file: str | None, argv: list[str]) -> int:

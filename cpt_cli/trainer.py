@@ -334,14 +334,6 @@ def _train(recipe: Recipe, signals: _Signals, *, output_dir: str | None, resume:
     # per step on the quickstart model's 1M parameters against 6.8 ms for the per-tensor loop.
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
     if o.load_from_parent and resume_from is None:
-        if deepspeed:
-            # DeepSpeed re-partitions the optimizer in prepare(), after this point, from the
-            # parameters alone: a state loaded here would not reach the partitions.
-            raise UsageError("train.optimizer.load_from_parent does not work under DeepSpeed "
-                             "yet (DeepSpeed rebuilds the optimizer's state when it partitions "
-                             "it); set load_from_parent: false (the stage re-warms a fresh "
-                             "optimizer, the default) or launch with FSDP or plain data "
-                             "parallel (docs/distributed.md)")
         _load_parent_optimizer(recipe, model, optimizer)
 
     # Nothing is written before here: a bad recipe or bad data leaves no trace.
@@ -624,6 +616,27 @@ def _is_deepspeed(accelerator: Any) -> bool:
     return accelerator is not None and accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
+def deepspeed_problems(stage: Any, recipe: Recipe) -> list[str]:
+    """What keeps this recipe from training under DeepSpeed ZeRO `stage`; checked before an
+    `accelerate launch` (cpt_cli.launch) and again in each launched process."""
+    problems = []
+    if stage not in (1, 2):
+        # Stage 3 partitions the weights too: cpt's checkpoint and final/ code reads and writes
+        # whole weights, and only stages 1 and 2 are tested (tests/test_deepspeed.py).
+        problems.append(f"deepspeed_config zero_stage {stage}: cpt supports DeepSpeed ZeRO "
+                        "stages 1 and 2; for sharded weights use FSDP (docs/distributed.md), "
+                        "for plain data parallel leave DeepSpeed out of the accelerate config")
+    if recipe.train.optimizer.load_from_parent:
+        # DeepSpeed builds its partitions from the parameters in prepare(): a state loaded into
+        # the optimizer before would not reach them.
+        problems.append("train.optimizer.load_from_parent does not work under DeepSpeed yet "
+                        "(DeepSpeed rebuilds the optimizer's state when it partitions it); set "
+                        "load_from_parent: false (the stage re-warms a fresh optimizer, the "
+                        "default) or launch with FSDP or plain data parallel "
+                        "(docs/distributed.md)")
+    return problems
+
+
 def _configure_deepspeed(accelerator: Any, recipe: Recipe, accum: int) -> None:
     """Give DeepSpeed's config the recipe's batch geometry and clipping: cpt passes no
     DataLoader to `prepare`, so accelerate cannot infer the micro batch, and the engine (which
@@ -631,13 +644,10 @@ def _configure_deepspeed(accelerator: Any, recipe: Recipe, accum: int) -> None:
     are filled; a value that contradicts the recipe is refused (exit 2), since the effective
     batch or clipping would silently differ from the recipe's."""
     config = accelerator.state.deepspeed_plugin.deepspeed_config
-    stage = config.get("zero_optimization", {}).get("stage")
-    if stage not in (1, 2):
-        # Stage 3 partitions the weights too: cpt's checkpoint and final/ code reads and writes
-        # whole weights, and only stages 1 and 2 are tested (tests/test_deepspeed.py).
-        raise UsageError(f"deepspeed_config zero_stage {stage}: cpt supports DeepSpeed ZeRO "
-                         "stages 1 and 2; for sharded weights use FSDP (docs/distributed.md), "
-                         "for plain data parallel leave DeepSpeed out of the accelerate config")
+    problems = deepspeed_problems(config.get("zero_optimization", {}).get("stage"), recipe)
+    if problems:
+        raise UsageError("this recipe cannot train under the accelerate config's DeepSpeed:",
+                         problems)
     t = recipe.train
     wanted = {"train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
               "gradient_accumulation_steps": (accum, "global batch / (micro batch x processes)"),

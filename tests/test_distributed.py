@@ -35,6 +35,39 @@ def test_accelerate_command_for_cpu_processes() -> None:
     assert with_config[with_config.index("--config_file") + 1] == "fsdp.yaml"
 
 
+def test_launch_refuses_what_every_process_would_refuse(tmp_path: Path) -> None:
+    """Before `accelerate launch`: a DeepSpeed setup cpt cannot train under, or an unreadable
+    accelerate config, is one message with exit status 2 from the parent, not one traceback per
+    process from the launcher (exit 1); nothing is written."""
+    import json as json_module
+
+    import yaml
+
+    paths = write_sources(tmp_path / "data")
+    cases = {
+        "zero3.yaml": ({"distributed_type": "DEEPSPEED", "num_processes": 2,
+                        "deepspeed_config": {"zero_stage": 3}}, "zero_stage 3"),
+        "zero-json.yaml": ({"distributed_type": "DEEPSPEED", "num_processes": 2,
+                            "deepspeed_config": {"deepspeed_config_file": "ds.json"}},
+                           "zero_stage 0"),
+        "broken.yaml": ("distributed_type: [", "cannot read"),
+    }
+    (tmp_path / "ds.json").write_text(json_module.dumps({"zero_optimization": {"stage": 0}}))
+    for name, (content, expect) in cases.items():
+        config = tmp_path / name
+        config.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+        recipe = recipe_file(tmp_path, f"launch-{name[:-5]}", [{"name": "prose",
+                                                                 "path": paths["prose"]}],
+                             launch={"accelerate_config": str(config)})
+        proc = subprocess.run([sys.executable, "-m", "cpt_cli", "train", str(recipe),
+                               "--output-dir", str(tmp_path / "run")], capture_output=True,
+                              text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=120)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 2, out
+        assert expect in out and "Traceback" not in out, out
+        assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path: Path) -> None:
     paths = write_sources(tmp_path / "data")

@@ -42,7 +42,7 @@ def train(
     from cpt_cli import render
     from cpt_cli.config import load_recipe, resolve_path
     from cpt_cli.errors import TrainingStopped, UsageError
-    from cpt_cli.launch import already_launched, relaunch
+    from cpt_cli.launch import already_launched, check_before_launch, relaunch
     from cpt_cli.trainer import train as train_stage
 
     def body() -> int:
@@ -50,8 +50,9 @@ def train(
         procs = num_processes or loaded.launch.num_processes
         if not already_launched() and (procs > 1 or loaded.launch.accelerate_config):
             config_file = loaded.launch.accelerate_config
-            return relaunch(procs, str(resolve_path(loaded, config_file)) if config_file else None,
-                            sys.argv[1:])
+            config_path = resolve_path(loaded, config_file) if config_file else None
+            check_before_launch(loaded, config_path)
+            return relaunch(procs, str(config_path) if config_path else None, sys.argv[1:])
         try:
             result = train_stage(loaded, output_dir=output_dir, resume=resume,
                                  overwrite=overwrite)
