@@ -287,6 +287,11 @@ def _train(recipe: Recipe, signals: _Signals, *, output_dir: str | None, resume:
     resume_from = _resume_point(run_dir, resume, overwrite)
 
     cuda = torch.cuda.is_available()
+    if not cuda:
+        # Where DeepSpeed is installed, accelerate imports it (unwrapping a model for a
+        # checkpoint), and DeepSpeed's accelerator detection then logs a warning into the live
+        # view; its documented override names the CPU it would settle on anyway.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if recipe.train.compile and not cuda and cpu_compiler(os.environ) is None:
         raise UsageError("train.compile: true on CPU needs a C++ compiler (torch.compile builds "
                          "its CPU kernels with one) and none was found (CXX, g++, clang++, c++); "
