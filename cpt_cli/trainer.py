@@ -887,6 +887,14 @@ def _write_model_folder(folder: Path, run_dir: Path, unwrapped: Any, state_dict:
     copy_heldout(run_dir, folder)
 
 
+def _gather_state(accelerator: Any, model: Any, optimizer: Any,
+                  recipe: Recipe) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """The unwrapped model, its full state dict and the full optimizer state, for a checkpoint
+    or final/. Called on every process: under FSDP or DeepSpeed the gathering is collective."""
+    return (accelerator.unwrap_model(model), accelerator.get_state_dict(model),
+            _optimizer_state(accelerator, model, optimizer, recipe))
+
+
 def _save_checkpoint(run_dir: Path, state: RunState, accelerator: Any, model: Any,
                      optimizer: Any, scheduler: Any, data: PreparedData, recipe: Recipe,
                      keep_forever: bool = False) -> Path:
@@ -897,9 +905,7 @@ def _save_checkpoint(run_dir: Path, state: RunState, accelerator: Any, model: An
     root = run_dir / CHECKPOINTS
     tmp, target = root / f".tmp-{name}", root / name
     main = accelerator.is_main_process
-    # Gathered on every process: under FSDP or DeepSpeed these are collectives.
-    unwrapped, state_dict = accelerator.unwrap_model(model), accelerator.get_state_dict(model)
-    optim_state = _optimizer_state(accelerator, model, optimizer, recipe)
+    unwrapped, state_dict, optim_state = _gather_state(accelerator, model, optimizer, recipe)
 
     def prepare() -> None:
         if main:
@@ -1260,8 +1266,7 @@ def _save_final(run_dir: Path, state: RunState, accelerator: Any, model: Any, op
     final = run_dir / "final"
     tmp = run_dir / ".tmp-final"
     main = accelerator.is_main_process
-    unwrapped, state_dict = accelerator.unwrap_model(model), accelerator.get_state_dict(model)
-    optim_state = _optimizer_state(accelerator, model, optimizer, recipe)
+    unwrapped, state_dict, optim_state = _gather_state(accelerator, model, optimizer, recipe)
 
     def write() -> None:
         if main:
