@@ -51,14 +51,18 @@ def _free_port() -> int:
 
 def check_before_launch(recipe: Any, config_file: Path | None) -> None:
     """Refuse here, once, with exit status 2, what every launched process would refuse: the
-    launcher would wrap each process's message in its own traceback and exit 1. Checks the model
-    location, the accelerate config (readable; DeepSpeed settings this recipe can train under)
-    and the data, which it also tokenizes into the cache the processes then read."""
+    launcher would wrap each process's message in its own traceback and exit 1. Checks
+    train.compile's C++ compiler on CPU, the model location, the accelerate config (readable;
+    DeepSpeed settings this recipe can train under) and the data, which it also tokenizes into
+    the cache the processes then read."""
+    import torch  # here, not at the top: only a launching parent needs it
+
     from cpt_cli.errors import UsageError
     from cpt_cli.modeling import check_model_path
     from cpt_cli.prepare import prepare_data
-    from cpt_cli.trainer import deepspeed_problems
+    from cpt_cli.trainer import check_compiler, deepspeed_problems
 
+    check_compiler(recipe, torch.cuda.is_available(), os.environ)
     problems = check_model_path(recipe)
     if problems:
         raise UsageError("the recipe's model cannot be used:", problems)

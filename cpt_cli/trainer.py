@@ -292,10 +292,7 @@ def _train(recipe: Recipe, signals: _Signals, *, output_dir: str | None, resume:
         # checkpoint), and DeepSpeed's accelerator detection then logs a warning into the live
         # view; its documented override names the CPU it would settle on anyway.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if recipe.train.compile and not cuda and cpu_compiler(os.environ) is None:
-        raise UsageError("train.compile: true on CPU needs a C++ compiler (torch.compile builds "
-                         "its CPU kernels with one) and none was found (CXX, g++, clang++, c++); "
-                         "install one (e.g. apt install g++) or set train.compile: false")
+    check_compiler(recipe, cuda, os.environ)
     accelerator = Accelerator(**_accelerator_device(cuda, os.environ),
                               mixed_precision=_precision(recipe, cuda),
                               log_with=_trackers(recipe) or None,
@@ -747,6 +744,15 @@ def _trackers(recipe: Recipe) -> list[str]:
             print(f"cpt: tracker {name!r} is not installed; logging to metrics.jsonl only",
                   file=sys.stderr)
     return available
+
+
+def check_compiler(recipe: Recipe, cuda: bool, environ: Mapping[str, str]) -> None:
+    """train.compile on CPU builds C++ kernels at the first step: refuse up front, with the fix,
+    where no compiler would be found (an inductor traceback otherwise)."""
+    if recipe.train.compile and not cuda and cpu_compiler(environ) is None:
+        raise UsageError("train.compile: true on CPU needs a C++ compiler (torch.compile builds "
+                         "its CPU kernels with one) and none was found (CXX, g++, clang++, c++); "
+                         "install one (e.g. apt install g++) or set train.compile: false")
 
 
 def cpu_compiler(environ: Mapping[str, str]) -> str | None:

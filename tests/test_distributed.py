@@ -67,6 +67,20 @@ def test_launch_refuses_what_every_process_would_refuse(tmp_path: Path) -> None:
         assert expect in out and "Traceback" not in out, out
         assert not (tmp_path / "run").exists()
 
+    # train.compile on a CPU without a C++ compiler: refused before the launch as well.
+    (tmp_path / "no-compilers").mkdir()
+    recipe = recipe_file(tmp_path, "launch-compile", [{"name": "prose", "path": paths["prose"]}],
+                         train={"compile": True})
+    env = {k: v for k, v in os.environ.items() if k != "CXX"}
+    proc = subprocess.run([sys.executable, "-m", "cpt_cli", "train", str(recipe),
+                           "--num-processes", "2", "--output-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(env, HF_HUB_OFFLINE="1", PATH=str(tmp_path / "no-compilers")))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "C++ compiler" in out and "Traceback" not in out, out
+    assert not (tmp_path / "run").exists()
+
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path: Path) -> None:
