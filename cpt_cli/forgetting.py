@@ -8,8 +8,11 @@ written when training began) or computed once from `--base` and cached.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from cpt_cli.evaluation import DomainText, forgetting_table, load_scores, save_s
 from cpt_cli.hostmemory import keep_freed_memory
 from cpt_cli.lineage import HELDOUT_DIR, MANIFEST, read_heldout
 from cpt_cli.scoring import DocumentScores
+from cpt_cli.sources import PlainFile, file_records
 from cpt_cli.trainer import CHECKPOINTS, complete_checkpoints
 
 
@@ -44,30 +48,30 @@ def _load(path: str | Path, device: torch.device, dtype: torch.dtype) -> tuple[A
 
 
 def read_text_file(name: str, file: str) -> list[str]:
-    """Documents of `--data NAME=FILE`: JSONL (`text` field) or plain files, one each (globs)."""
-    import glob as globmod
-
-    paths = sorted(globmod.glob(file, recursive=True)) or []
+    """Documents of `--data NAME=FILE`, read as a recipe source reads its files: JSON Lines, JSON,
+    CSV, Parquet and Arrow records by their `text` field, any other file as one document, `.gz`
+    included; FILE may be a glob or a folder."""
+    option = f"--data {name}={file}"
+    expanded = os.path.expanduser(file)
+    pattern = os.path.join(expanded, "**", "*") if os.path.isdir(expanded) else expanded
+    paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     if not paths:
-        raise UsageError(f"--data {name}={file}: no such file")
+        raise UsageError(f"{option}: no such file")
     texts: list[str] = []
-    for p in paths:
-        if p.endswith(".jsonl"):
-            with open(p, encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                        texts.append(record["text"])
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise UsageError(f"--data {name}={file}: {p}:{lineno} is not a JSON "
-                                         "object with a 'text' field") from None
-        else:
-            try:
-                texts.append(Path(p).read_text(encoding="utf-8"))
-            except UnicodeDecodeError:
-                raise UsageError(f"--data {name}={file}: {p} is not UTF-8 text") from None
+    for path in paths:
+        try:
+            for where, record in file_records(path, str(path)):
+                if isinstance(record, Exception):
+                    raise UsageError(f"{option}: {record}")
+                text = record.text if isinstance(record, PlainFile) else \
+                    record.get("text") if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    raise UsageError(f"{option}: {where} is not a record with a 'text' field "
+                                     "holding text (--data scores each record's 'text')")
+                texts.append(text)
+        except (OSError, EOFError, zlib.error) as err:
+            raise UsageError(f"{option}: {path} could not be read ({type(err).__name__}: "
+                             f"{err})") from None
     return texts
 
 

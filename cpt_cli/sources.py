@@ -206,7 +206,9 @@ def _records_plain(path: Path, shown: str) -> Iterator[tuple[str, Any]]:
         yield str(path), ValueError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})")
 
 
-def _file_records(path: Path, shown: str) -> Iterator[tuple[str, Any]]:
+def file_records(path: Path, shown: str) -> Iterator[tuple[str, Any]]:
+    """(where, record) pairs of one file by its format: a dict per JSON/CSV/Parquet/Arrow record,
+    a `PlainFile` for any other file; a bad record comes as a `ValueError` in its place."""
     suffixes = [x.lower() for x in path.suffixes]
     # data.jsonl.gz reads as data.jsonl; the plain-file reader gunzips notes.txt.gz too.
     suffix = suffixes[-2] if len(suffixes) > 1 and suffixes[-1] == ".gz" else path.suffix.lower()
@@ -262,7 +264,7 @@ def read_documents(source: SourceConfig, base_dir: str | Path,
     if source.hf is not None:
         streams = [_hf_records(source, base_dir)]
     else:
-        streams = [_readable(source.name, p, _file_records(p, _relative(p, base_dir)))
+        streams = [_readable(source.name, p, file_records(p, _relative(p, base_dir)))
                    for p in expand_paths(source, base_dir)]
     for records in streams:
         for where, record in records:

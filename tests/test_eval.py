@@ -109,6 +109,50 @@ def test_eval_data_agrees_with_plain_forward(two_stage: dict[str, Path], tmp_pat
     assert row["ppl"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
 
 
+def test_eval_data_reads_every_source_format(two_stage: dict[str, Path], tmp_path: Path) -> None:
+    """`--data` reads files as a recipe source does: the same texts score the same in any format."""
+    import csv
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = PROSE[:4] + ['a "quoted", comma\nand a second line']
+    jsonl = _write_jsonl(tmp_path / "t.jsonl", texts)
+    (tmp_path / "t.jsonl.gz").write_bytes(gzip.compress(Path(jsonl).read_bytes()))
+    pq.write_table(pa.table({"text": texts, "id": list(range(len(texts)))}), tmp_path / "t.parquet")
+    with open(tmp_path / "t.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, ["id", "text"])
+        writer.writeheader()
+        writer.writerows({"id": i, "text": t} for i, t in enumerate(texts))
+    (tmp_path / "plain").mkdir()
+    for i, t in enumerate(texts):
+        (tmp_path / "plain" / f"{i}.txt").write_text(t, encoding="utf-8")
+    files = {"jsonl": jsonl, "gz": tmp_path / "t.jsonl.gz", "parquet": tmp_path / "t.parquet",
+             "csv": tmp_path / "t.csv", "folder": tmp_path / "plain"}
+    args = [a for name, f in files.items() for a in ("--data", f"{name}={f}")]
+    result = runner.invoke(app, ["eval", str(two_stage["final2"]), *args, "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.stdout)["domains"]}
+    assert set(rows) == set(files)
+    _, tokens, nbytes = _independent_nll(two_stage["final2"], texts)
+    for name, row in rows.items():
+        assert (row["tokens"], row["bytes"]) == (tokens, nbytes), name
+        assert row["loss"] == pytest.approx(rows["jsonl"]["loss"], rel=1e-6), name
+
+
+def test_eval_data_bad_record_names_its_line(two_stage: dict[str, Path], tmp_path: Path) -> None:
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"body": "no text"}) + "\n")
+    result = runner.invoke(app, ["eval", str(two_stage["final2"]), "--data", f"web={data}"])
+    assert result.exit_code == 2
+    assert f"--data web={data}: {data}:2 is not a record with a 'text' field" in result.output
+    data.write_text('{"text": "cut off\n')
+    result = runner.invoke(app, ["eval", str(two_stage["final2"]), "--data", f"web={data}"])
+    assert result.exit_code == 2 and f"{data}:1: invalid JSON" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_eval_with_base_fills_start_columns(two_stage: dict[str, Path], tmp_path: Path) -> None:
     data = _write_jsonl(tmp_path / "p.jsonl", PROSE[:10])
     result = runner.invoke(app, ["eval", str(two_stage["final2"]), "--data", f"prose={data}",

@@ -17,8 +17,9 @@ def eval_command(
     path: Annotated[str, typer.Argument(help="A final/ folder, a checkpoint, or a run directory "
                                              "(then every checkpoint, as curves).")],
     data: Annotated[list[str] | None, typer.Option(
-        "--data", help="NAME=FILE: evaluate this JSONL (text field) or text file as domain NAME "
-                       "instead of the lineage's held-out sets. Repeatable.")] = None,
+        "--data", help="NAME=FILE: evaluate FILE (a file, glob or folder in any format a recipe "
+                       "source reads; records by their text field) as domain NAME instead of the "
+                       "lineage's held-out sets. Repeatable.")] = None,
     base: Annotated[str | None, typer.Option(
         "--base", help="Start model to compare against (default: the run's own start).")] = None,
     max_forgetting: Annotated[float | None, typer.Option(
