@@ -221,11 +221,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 class MetricsLog:
     """metrics.jsonl, one JSON object per event, flushed at once (a kill loses nothing)."""
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
+    def __init__(self, path: Path, enabled: bool, resume_step: int) -> None:
         self.path, self.enabled = path, enabled
-        if enabled and resume_step is not None and path.exists():
-            # Events after the checkpoint we resume from will happen again: drop them, and a
-            # last line cut short by a kill. Rewritten atomically, so a kill now loses nothing.
+        if enabled and path.exists():
+            # Events after the step we resume from (a checkpoint's, or 0 when a run killed before
+            # its first checkpoint starts over) will happen again: drop them, and a last line cut
+            # short by a kill. Rewritten atomically, so a kill now loses nothing.
             kept = []
             for line in path.read_text().splitlines():
                 try:
@@ -363,8 +364,7 @@ def _train(recipe: Recipe, signals: _Signals, *, output_dir: str | None, resume:
                           pin_memory=accelerator.device.type == "cuda")
     metrics = _write_together(
         accelerator, "metrics.jsonl", run_dir / "metrics.jsonl",
-        lambda: MetricsLog(run_dir / "metrics.jsonl", main,
-                           state.step if resume_from is not None else None))
+        lambda: MetricsLog(run_dir / "metrics.jsonl", main, state.step))
 
     def emit(event: dict[str, Any]) -> None:
         metrics.write(event)

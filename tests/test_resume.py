@@ -92,6 +92,23 @@ def test_crash_between_checkpoints_then_resumed_is_bit_exact(straight: dict[str,
     _assert_same_run(straight["result"].run_dir, run_dir)
 
 
+def test_crash_before_the_first_checkpoint_then_resumed_starts_over(
+        straight: dict[str, Any]) -> None:
+    """No checkpoint yet: --resume auto trains from step 0 again, and metrics.jsonl holds each
+    step once (the start evaluation, cached, is not repeated)."""
+    run_dir = straight["tmp"] / "crashed-early"
+
+    def crash(event: dict[str, Any]) -> None:
+        if event["event"] == "train" and event["step"] == 2:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(straight["recipe"], output_dir=str(run_dir), on_event=crash)
+    assert complete_checkpoints(run_dir) == []
+    train(straight["recipe"], output_dir=str(run_dir), resume="auto")
+    _assert_same_run(straight["result"].run_dir, run_dir)
+
+
 def test_resume_from_an_older_checkpoint_is_bit_exact(straight: dict[str, Any]) -> None:
     run_dir = straight["tmp"] / "rewound"
     shutil.copytree(straight["result"].run_dir, run_dir)
