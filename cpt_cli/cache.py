@@ -50,7 +50,7 @@ DEFAULT_POOL_TOKENS = 1_000_000
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("CPT_CACHE", Path.home() / ".cache" / "cpt"))
+    return Path(os.environ.get("CPT_CACHE") or Path.home() / ".cache" / "cpt")  # "" is unset
 
 
 def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
@@ -104,16 +104,28 @@ def entry_key(source: SourceConfig, content_fp: str, tokenizer_fp: str) -> str:
                           ).hexdigest()[:20]
 
 
+class DamagedEntry(Exception):
+    """A cache entry whose files are unreadable or disagree with each other."""
+
+
 def open_entry(path: Path, name: str) -> TokenizedSource:
-    meta = json.loads((path / "meta.json").read_text())
-    dtype = np.dtype(meta["dtype"])
-    n = int(meta["tokens"])
-    tokens = np.memmap(path / "tokens.bin", dtype=dtype, mode="r", shape=(n,)) if n else \
-        np.zeros(0, dtype=dtype)
-    return TokenizedSource(name=name, key=path.name, path=path, meta=meta, tokens=tokens,
-                           offsets=np.load(path / "offsets.npy"),
-                           hashes=np.load(path / "hashes.npy"),
-                           nbytes=np.load(path / "nbytes.npy"))
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        dtype = np.dtype(meta["dtype"])
+        n = int(meta["tokens"])
+        tokens = np.memmap(path / "tokens.bin", dtype=dtype, mode="r", shape=(n,)) if n else \
+            np.zeros(0, dtype=dtype)
+        entry = TokenizedSource(name=name, key=path.name, path=path, meta=meta, tokens=tokens,
+                                offsets=np.load(path / "offsets.npy"),
+                                hashes=np.load(path / "hashes.npy"),
+                                nbytes=np.load(path / "nbytes.npy"))
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as err:
+        raise DamagedEntry(f"{path}: {err}") from None
+    docs = len(entry.hashes)
+    if len(entry.offsets) != docs + 1 or len(entry.nbytes) != docs or \
+            (docs and int(entry.offsets[-1]) != n):
+        raise DamagedEntry(f"{path}: its files disagree on the number of documents")
+    return entry
 
 
 def prepare_source(source: SourceConfig, base_dir: str | Path, tokenizer: PreTrainedTokenizerBase,
@@ -125,10 +137,13 @@ def prepare_source(source: SourceConfig, base_dir: str | Path, tokenizer: PreTra
     key = entry_key(source, content_fp, tokenizer_fp)
     target = cache_dir / "tokens" / f"{source.name}-{key}"
     if (target / "meta.json").exists():
-        entry = open_entry(target, source.name)
-        if entry.meta["pool_tokens"] >= pool_tokens or entry.meta["pool_complete"]:
-            return entry
-        shutil.rmtree(target, ignore_errors=True)  # rebuilt below with a larger pool
+        try:
+            entry = open_entry(target, source.name)
+            if entry.meta["pool_tokens"] >= pool_tokens or entry.meta["pool_complete"]:
+                return entry
+        except DamagedEntry:
+            pass  # a file damaged or removed by hand: the entry is derived data, made again
+        shutil.rmtree(target, ignore_errors=True)  # rebuilt below (or with a larger pool)
     elif target.exists():
         # Entries appear by rename with meta.json inside, so a folder without it is debris (a
         # removal cut short, a copy by hand): never trusted, and in the way of the rename.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -334,6 +335,9 @@ class Recipe:
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a recipe file, apply `KEY=VALUE` overrides, validate everything, return a Recipe."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"{path} is a folder, not a recipe: pass the path of a YAML recipe "
+                          "file (see recipes/ for examples).")
     if not path.is_file():
         raise RecipeError(f"Recipe file not found: {path}. Pass the path of a YAML recipe "
                           "(see recipes/ for examples).")
@@ -522,14 +526,19 @@ def build(tp: Any, value: Any, path: str, problems: list[str],
         problems.append(f"{path}: expected an integer, got {value!r}")
         return _FAILED
     if tp is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        problems.append(f"{path}: expected a number, got {value!r}")
+        if number is not None and math.isfinite(number):
+            return number
+        # No setting means anything when infinite or not a number: nan would slip past every
+        # comparison (a limit that never trips), inf would ruin the weights at the first step.
+        problems.append(f"{path}: expected a finite number, got {value!r}")
         return _FAILED
     if tp is str:
         if isinstance(value, str):
@@ -659,6 +668,9 @@ def check_semantics(recipe: Recipe, problems: list[str]) -> None:
                         "0 and 1")
     if d.max_epochs <= 0:
         problems.append(f"data.max_epochs: {d.max_epochs} must be positive")
+
+    if not 0 <= recipe.seed < 2**32:  # numpy's seeds are 32-bit
+        problems.append(f"seed: {recipe.seed} must be between 0 and {2**32 - 1}")
 
     t = recipe.train
     if (t.tokens is None) == (t.steps is None):

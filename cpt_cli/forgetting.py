@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cpt_cli.errors import UsageError
 from cpt_cli.evaluation import DomainText, forgetting_table, load_scores, save_scores, score_domains
 from cpt_cli.hostmemory import keep_freed_memory
-from cpt_cli.lineage import HELDOUT_DIR, MANIFEST, read_heldout
+from cpt_cli.lineage import HELDOUT_DIR, MANIFEST, read_events, read_heldout, read_manifest
 from cpt_cli.scoring import DocumentScores
 from cpt_cli.sources import PlainFile, file_records
 from cpt_cli.trainer import CHECKPOINTS, complete_checkpoints
@@ -42,7 +43,7 @@ def _load(path: str | Path, device: torch.device, dtype: torch.dtype) -> tuple[A
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise UsageError(f"could not load a causal LM and tokenizer from {path}: {err}") from None
     return model.to(device).eval(), tokenizer
 
@@ -72,6 +73,8 @@ def read_text_file(name: str, file: str) -> list[str]:
         except (OSError, EOFError, zlib.error) as err:
             raise UsageError(f"{option}: {path} could not be read ({type(err).__name__}: "
                              f"{err})") from None
+    if not any(t.strip() for t in texts):
+        raise UsageError(f"{option}: no text to score (the files hold no documents)")
     return texts
 
 
@@ -89,7 +92,10 @@ def lineage_domains(model_dir: Path) -> tuple[list[DomainText], dict[str, Any]]:
     if not manifest_path.is_file():
         raise UsageError(f"{model_dir} has no cpt manifest.json, so its domains are unknown. "
                          "Pass --data NAME=FILE (repeatable) to evaluate explicit texts.")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(manifest_path)
+    if "stages" not in manifest:
+        raise UsageError(f"{manifest_path} is not a cpt manifest. Pass --data NAME=FILE "
+                         "(repeatable) to evaluate explicit texts.")
     last = manifest["stages"][-1]
     targets = {s["name"] for s in last["sources"] if s["role"] == "new"}
     run_dir = _find_run_dir(model_dir)
@@ -101,7 +107,8 @@ def lineage_domains(model_dir: Path) -> tuple[list[DomainText], dict[str, Any]]:
                 break
         else:
             raise UsageError(f"held-out set of domain {name!r} not found next to {model_dir}")
-        domains.append(DomainText(name, "target" if name in targets else "retained", texts))
+        if texts:  # empty when all of it was trained on (training warned): nothing to score
+            domains.append(DomainText(name, "target" if name in targets else "retained", texts))
     # Targets first, then retained domains, as in every report.
     domains.sort(key=lambda d: d.role != "target")
     return domains, manifest
@@ -138,9 +145,9 @@ def evaluate(path: str | Path, *, data: dict[str, str] | None = None, base: str 
     last = targets[-1].model_dir
     if data:
         domains = [DomainText(n, "retained", read_text_file(n, f)) for n, f in data.items()]
-        manifest = json.loads((last / MANIFEST).read_text()) if (last / MANIFEST).is_file() \
+        manifest = read_manifest(last / MANIFEST) if (last / MANIFEST).is_file() \
             else None
-        if manifest:
+        if manifest and manifest.get("stages"):
             new = {s["name"] for s in manifest["stages"][-1]["sources"] if s["role"] == "new"}
             for d in domains:
                 d.role = "target" if d.name in new else "retained"
@@ -209,8 +216,7 @@ def _training_peak(model_dir: Path) -> float | None:
     if not metrics.is_file():
         return None
     peak = None
-    for line in metrics.read_text().splitlines():
-        event = json.loads(line) if line.strip() else {}
+    for event in read_events(metrics):
         if event.get("event") != "eval":
             continue
         for d in event["domains"].values():

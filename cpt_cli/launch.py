@@ -49,56 +49,77 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def check_before_launch(recipe: Any, config_file: Path | None) -> None:
+def check_before_launch(recipe: Any, config_file: Path | None, num_processes: int,
+                        output_dir: str | None, resume: str | None, overwrite: bool) -> None:
     """Refuse here, once, with exit status 2, what every launched process would refuse: the
-    launcher would wrap each process's message in its own traceback and exit 1. Checks
-    train.compile's C++ compiler on CPU, the model location, the accelerate config (readable;
-    DeepSpeed settings this recipe can train under) and the data, which it also tokenizes into
-    the cache the processes then read."""
+    launcher would wrap each process's message in its own traceback and exit 1. Checks the run
+    directory (free, or resumable as asked), train.compile's C++ compiler on CPU, the model
+    location, the accelerate config (readable; DeepSpeed settings this recipe can train under),
+    the data, which it also tokenizes into the cache the processes then read, and the mixture
+    plan for the number of processes launched."""
     import torch  # here, not at the top: only a launching parent needs it
 
     from cpt_cli.errors import UsageError
     from cpt_cli.modeling import check_model_path
-    from cpt_cli.prepare import prepare_data
-    from cpt_cli.trainer import check_compiler, deepspeed_problems
+    from cpt_cli.prepare import plan_data, prepare_data
+    from cpt_cli.trainer import check_compiler, deepspeed_problems, resume_point, run_dir_for
 
+    resume_point(run_dir_for(recipe, output_dir), resume, overwrite)
     check_compiler(recipe, torch.cuda.is_available(), os.environ)
     problems = check_model_path(recipe)
     if problems:
         raise UsageError("the recipe's model cannot be used:", problems)
     if config_file is not None:
-        stage = _deepspeed_stage(config_file)
+        config = _read_config(config_file)
+        if num_processes <= 1:  # accelerate launch takes the config's own count
+            num_processes = int(config.get("num_processes") or 1)
+        stage = _deepspeed_stage(config_file, config)
         if stage is not _NOT_DEEPSPEED:
             problems = deepspeed_problems(stage, recipe)
             if problems:
                 raise UsageError(f"this recipe cannot train under {config_file}'s DeepSpeed:",
                                  problems)
-    prepare_data(recipe)
+    plan_data(recipe, prepare_data(recipe), num_processes)
 
 
 _NOT_DEEPSPEED = object()
 
 
-def _deepspeed_stage(config_file: Path) -> Any:
-    """The ZeRO stage an accelerate config file asks for, or _NOT_DEEPSPEED."""
+def _read(path: Path) -> Any:
     import json
 
     import yaml
 
     from cpt_cli.errors import UsageError
 
-    def read(path: Path) -> Any:
-        try:
-            text = path.read_text()
-            return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (OSError, ValueError, yaml.YAMLError) as err:
-            raise UsageError(f"launch.accelerate_config: cannot read {path} ({err}); write it "
-                             "with `accelerate config` or fix the path") from None
+    try:
+        text = path.read_text()
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise UsageError(f"launch.accelerate_config: cannot read {path} ({err}); write it "
+                         "with `accelerate config` or fix the path") from None
 
-    config = read(config_file)
+
+def _read_config(config_file: Path) -> dict[str, Any]:
+    """An accelerate config file, as a mapping."""
+    from cpt_cli.errors import UsageError
+
+    config = _read(config_file)
     if not isinstance(config, dict):
         raise UsageError(f"launch.accelerate_config: {config_file} is not an accelerate config "
                          "(a YAML mapping); write it with `accelerate config`")
+    from accelerate.utils import DistributedType
+
+    kind = config.get("distributed_type")
+    known = [t.value for t in DistributedType]
+    if kind is not None and str(kind).upper() not in known:
+        raise UsageError(f"launch.accelerate_config: {config_file}: distributed_type {kind!r} is "
+                         f"not one of {', '.join(known)}; write it with `accelerate config`")
+    return config
+
+
+def _deepspeed_stage(config_file: Path, config: dict[str, Any]) -> Any:
+    """The ZeRO stage an accelerate config asks for, or _NOT_DEEPSPEED."""
     if str(config.get("distributed_type", "")).upper() != "DEEPSPEED":
         return _NOT_DEEPSPEED
     deepspeed = config.get("deepspeed_config") or {}
@@ -106,10 +127,28 @@ def _deepspeed_stage(config_file: Path) -> Any:
         path = Path(deepspeed["deepspeed_config_file"]).expanduser()
         if not path.is_absolute() and not path.exists():  # accelerate reads it from the cwd
             path = config_file.parent / path
-        return (read(path).get("zero_optimization") or {}).get("stage")
+        return (_read(path).get("zero_optimization") or {}).get("stage")
     return deepspeed.get("zero_stage")
 
 
 def relaunch(num_processes: int, config_file: str | None, argv: list[str]) -> int:
+    """Run the command under `accelerate launch` and return its exit status. The launcher stops
+    with this process (and its workers with the launcher: see runlock). SIGTERM is passed on to
+    it; SIGINT is not, since Ctrl-C reaches the launcher from the terminal already (twice would
+    cut its workers' checkpoint short)."""
+    import signal
+
+    from cpt_cli.runlock import stop_with_parent
+
     env = dict(os.environ, **{LAUNCHED_ENV: "1"})
-    return subprocess.call(accelerate_command(num_processes, config_file, argv), env=env)
+    parent = os.getpid()
+    proc = subprocess.Popen(accelerate_command(num_processes, config_file, argv), env=env,
+                            preexec_fn=lambda: stop_with_parent(signal.SIGTERM, parent))
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM,
+                                              lambda signum, _: proc.send_signal(signum)),
+                signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: None)}
+    try:
+        return proc.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

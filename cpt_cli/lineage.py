@@ -10,12 +10,15 @@ earlier domain on exactly the same held-out text.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cpt_cli.errors import UsageError
 
 FORMAT = "cpt-manifest/1"
 MANIFEST = "manifest.json"
@@ -55,18 +58,36 @@ def read_lineage(model_dir: str | Path) -> Lineage | None:
     path = Path(model_dir) / MANIFEST
     if not path.is_file():
         return None
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    manifest = read_manifest(path)
+    if manifest.get("format") != FORMAT:  # another tool's manifest.json
         return None
     return Lineage(root=Path(model_dir), manifest=manifest)
 
 
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A manifest.json, or a UsageError saying it is damaged: a model whose lineage cannot be
+    read would silently lose its earlier domains (no replay, no forgetting figures)."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        problem = str(err)
+    else:
+        ours = isinstance(manifest, dict) and manifest.get("format") == FORMAT
+        if isinstance(manifest, dict) and (not ours or isinstance(manifest.get("stages"), list)):
+            return manifest
+        problem = "not a complete cpt manifest"
+    raise UsageError(f"{path} is damaged ({problem}); restore it from its run directory "
+                     "(final/manifest.json, or the copy in each checkpoint)")
+
+
 def read_heldout(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """A held-out set (JSON Lines: text, hash, tokens per document)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"held-out set {path} is missing or damaged ({err}); restore the model "
+                         "folder's heldout/ from its run directory") from None
 
 
 def write_heldout(path: Path, docs: list[dict[str, Any]]) -> None:
@@ -102,8 +123,34 @@ def environment(num_processes: int, device: str) -> dict[str, Any]:
                 "torch", "transformers", "accelerate", "datasets", "tokenizers")}}}
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with every float that is not finite as None: JSON has no NaN or Infinity
+    (Python would write them, and strict parsers refuse the file)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """The events of a metrics.jsonl, skipping a line that is not a JSON object (the last one
+    of a run killed mid-write; the next `--resume auto` removes it)."""
+    events = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(event, dict):
+            events.append(event)
+    return events
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON atomically (temporary file, then rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.write_text(json.dumps(json_safe(payload), indent=2, default=str))
     os.replace(tmp, path)

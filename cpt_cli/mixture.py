@@ -211,6 +211,13 @@ def make_plan(sources: list[PlanSource], sequences_per_epoch: list[float], total
         elif s.epochs > EPOCH_WARNING:
             warnings.append(f"source {s.name!r} is repeated {s.epochs:.1f} times; returns fade "
                             "beyond about 4 epochs (Muennighoff et al. 2023)")
+        if c == 0 and s.share_requested > 0:
+            warnings.append(f"source {s.name!r} gets no sequence: its share "
+                            f"({s.share_requested:.4%}) of {total_sequences:,} sequences rounds "
+                            "to none. Raise its weight or train.tokens.")
+    if new and not sum(s.sequences for s in new):
+        problems.append(f"no sequence of new data in {total_sequences:,}: a stage needs some. "
+                        "Lower data.replay.ratio or raise train.tokens.")
     if problems:
         raise RecipeError("the mixture plan is impossible:", problems)
     return MixturePlan(seq_len=seq_len, sources=sources, total_sequences=total_sequences,

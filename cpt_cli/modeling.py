@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
@@ -160,14 +161,20 @@ def load_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreTrained
         except ValueError as err:
             raise UsageError(f"model.init.config: {model_type!r} is not a causal LM: {err}"
                              ) from None
+        except ImportError as err:  # an attention backend whose package is missing
+            raise UsageError(f"model.attn_implementation: {err}") from None
+        except RuntimeError as err:  # a size torch cannot build (negative, say)
+            raise UsageError(f"model.init.config: the model cannot be built ({err})") from None
     location = model_location(recipe)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             location, revision=m.revision, trust_remote_code=m.trust_remote_code,
             dtype=torch.float32, use_safetensors=True, **kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise UsageError(f"model.path: could not load a causal LM from {location!r}: {err}"
                          ) from None
+    except ImportError as err:  # an attention backend whose package is missing
+        raise UsageError(f"model.attn_implementation: {err}") from None
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding "
                          f"has {model.get_input_embeddings().weight.shape[0]}: they do not match")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from cpt_cli.errors import UsageError
+from cpt_cli.lineage import read_events
 
 
 def check_available() -> None:
@@ -23,8 +23,7 @@ def _curves(path: Path, report: dict[str, Any]) -> dict[str, list[tuple[int, flo
     curves: dict[str, list[tuple[int, float]]] = {}
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            event = json.loads(line) if line.strip() else {}
+        for event in read_events(metrics):
             if event.get("event") == "eval":
                 for name, d in event["domains"].items():
                     curves.setdefault(name, []).append((event["step"], d["bpb"]))

@@ -233,6 +233,11 @@ def prepare_data(recipe: Recipe, *, progress: Progress | None = None,
             held = np.isin(entry.hashes, np.asarray([h["hash"] for h in d.heldout],
                                                     dtype=np.uint64))
             d.train_docs = all_docs[~held]
+            if not held.any() and d.heldout:
+                warnings.append(
+                    f"source {d.name!r} is named like the lineage's domain but holds none of its "
+                    f"held-out documents: it is scored on that domain's held-out text. If it is "
+                    f"other data, give it a name of its own.")
         else:
             held_idx = _carve_holdout(d, budget)
             held_tokens = int(entry.lengths()[held_idx].sum()) if len(held_idx) else 0
@@ -276,6 +281,13 @@ def prepare_data(recipe: Recipe, *, progress: Progress | None = None,
             texts = [h["text"] for h in read_heldout(src.heldout_file)
                      if not np.isin(np.uint64(h["hash"]), trained)]
             eval_domains.append(DomainText(src.name, "retained", texts))
+    for domain in [d for d in eval_domains if not d.texts]:
+        # Every held-out document is trained on in this stage: scoring it would measure
+        # memorization, and an empty set has no figure at all.
+        eval_domains.remove(domain)
+        warnings.append(f"domain {domain.name!r}: every held-out document is also in this "
+                        "stage's training data, so it is not scored (no forgetting figure). "
+                        "Remove those documents from the new sources to keep measuring it.")
     return PreparedData(tokenizer=tokenizer, tokenizer_fp=tok_fp, domains=domains,
                         eval_domains=eval_domains, lineage=lineage, cache_dir=cache_dir,
                         warnings=warnings)

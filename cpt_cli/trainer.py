@@ -42,6 +42,7 @@ from cpt_cli.lineage import (
     MANIFEST,
     copy_heldout,
     environment,
+    json_safe,
     read_heldout,
     write_heldout,
     write_json,
@@ -49,6 +50,7 @@ from cpt_cli.lineage import (
 from cpt_cli.loader import PackedLoader
 from cpt_cli.modeling import check_model_path, load_model, max_context
 from cpt_cli.prepare import PreparedData, batch_geometry, model_location, plan_data, prepare_data
+from cpt_cli.runlock import LAUNCHER_GONE, LOCK_NAME, RunBusy, lock_run_dir
 from cpt_cli.schedule import decay_start, lr_multiplier
 
 CHECKPOINTS = "checkpoints"
@@ -99,7 +101,10 @@ class _StopNow(BaseException):
 
 
 class _Signals:
-    """SIGTERM and SIGINT (a preemption notice, Ctrl-C).
+    """SIGTERM and SIGINT (a preemption notice, Ctrl-C), and SIGUSR1: what a worker of
+    `accelerate launch` gets when its launcher dies (see runlock), and what a scheduler such as
+    Slurm (`--signal`) can send ahead of a time limit. Linux may send the parent-death signal
+    more than once (once per exiting thread of the parent), so a repeated SIGUSR1 is ignored.
 
     Before training starts the first signal stops at once (nothing trained, nothing to save).
     Once `defer()` is called, the first signal is only recorded: the loop finishes the current
@@ -116,7 +121,7 @@ class _Signals:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _Signals:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, LAUNCHER_GONE):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (a notebook, say): leave signals alone
@@ -128,6 +133,8 @@ class _Signals:
 
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
+        if signum == LAUNCHER_GONE and self.received is not None:
+            return
         if self.received is not None:
             # os.write and os._exit only: nothing here may wait on a lock the interrupted
             # code holds (a print could).
@@ -160,6 +167,9 @@ def param_groups(model: torch.nn.Module, recipe: Recipe) -> list[dict[str, Any]]
         is_embedding = id(param) in embeddings
         decay = param.ndim >= 2 and not is_embedding
         groups.setdefault((decay, is_embedding), []).append(param)
+    if not groups:
+        raise UsageError(f"train.freeze {list(recipe.train.freeze)} freezes every parameter: "
+                         "nothing would train. Narrow the patterns.")
     return [{"params": params, "weight_decay": o.weight_decay if decay else 0.0,
              "lr_scale": o.embedding_lr_scale if emb else 1.0}
             for (decay, emb), params in groups.items()]
@@ -243,7 +253,7 @@ class MetricsLog:
     def write(self, event: dict[str, Any]) -> None:
         if self.fh is not None:
             try:
-                self.fh.write(json.dumps(event) + "\n")
+                self.fh.write(json.dumps(json_safe(event)) + "\n")
                 self.fh.flush()
             except OSError as err:
                 raise UsageError(_write_failure("metrics.jsonl", self.path, err)) from None
@@ -260,9 +270,9 @@ def train(recipe: Recipe, *, output_dir: str | None = None, resume: str | None =
     checkpoint path. `on_event` sees every event written to metrics.jsonl. Returns the run
     directory and the final forgetting report; raises `TrainingStopped` when the run stops early
     (signal, NaN loss, forgetting budget) and `UsageError` for anything the user can fix."""
-    with _Signals() as signals:
+    with _Signals() as signals, contextlib.ExitStack() as cleanup:
         try:
-            return _train(recipe, signals, output_dir=output_dir, resume=resume,
+            return _train(recipe, signals, cleanup, output_dir=output_dir, resume=resume,
                           overwrite=overwrite, console=console, on_event=on_event)
         except _StopNow as stop:
             raise TrainingStopped(f"received {stop} before training started: nothing was "
@@ -270,8 +280,8 @@ def train(recipe: Recipe, *, output_dir: str | None = None, resume: str | None =
                                   "again to start.", exit_code=signals.exit_code) from None
 
 
-def _train(recipe: Recipe, signals: _Signals, *, output_dir: str | None, resume: str | None,
-           overwrite: bool, console: Any,
+def _train(recipe: Recipe, signals: _Signals, cleanup: contextlib.ExitStack, *,
+           output_dir: str | None, resume: str | None, overwrite: bool, console: Any,
            on_event: Callable[[dict[str, Any]], None] | None) -> TrainResult:
     from accelerate import Accelerator
     from transformers.utils import logging as hf_logging
@@ -285,7 +295,7 @@ def _train(recipe: Recipe, signals: _Signals, *, output_dir: str | None, resume:
     if problems:
         raise UsageError("the recipe's model cannot be used:", problems)
     run_dir = run_dir_for(recipe, output_dir)
-    resume_from = _resume_point(run_dir, resume, overwrite)
+    resume_from = resume_point(run_dir, resume, overwrite)
 
     cuda = torch.cuda.is_available()
     if not cuda:
@@ -306,9 +316,9 @@ def _train(recipe: Recipe, signals: _Signals, *, output_dir: str | None, resume:
         display.status(f"train.precision {recipe.train.precision} needs a GPU: training in fp32 "
                        "on this CPU")
 
-    with accelerator.main_process_first():  # rank 0 fills the cache; the others then read it
-        data = prepare_data(recipe, progress=display.data_progress)
-        data = plan_data(recipe, data, P)
+    # Rank 0 fills the cache; the others then read it. The plan is the same on every process.
+    data = plan_data(recipe, _main_first(accelerator, lambda: prepare_data(
+        recipe, progress=display.data_progress)), P)
     _, accum, steps = batch_geometry(recipe, P)
     deepspeed = _is_deepspeed(accelerator)
     if deepspeed:
@@ -321,7 +331,7 @@ def _train(recipe: Recipe, signals: _Signals, *, output_dir: str | None, resume:
     if context is not None and recipe.data.seq_len > context:
         raise UsageError(f"data.seq_len: {recipe.data.seq_len} is above the model's context of "
                          f"{context} tokens; lower data.seq_len to at most {context}")
-    _check_document_masking(recipe, model)
+    _check_document_masking(recipe, model, cuda)
     flops_per_token = training_flops_per_token(model, recipe.data.seq_len)
     if recipe.train.gradient_checkpointing:
         _enable_activation_checkpointing(model)
@@ -338,12 +348,19 @@ def _train(recipe: Recipe, signals: _Signals, *, output_dir: str | None, resume:
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
     if o.load_from_parent and resume_from is None:
         _load_parent_optimizer(recipe, model, optimizer)
+    if resume_from is not None:
+        check_checkpoint_weights(resume_from, model)  # before the run directory changes
 
     # Nothing is written before here: a bad recipe or bad data leaves no trace.
+    _lock_together(accelerator, run_dir, cleanup,
+                   unchanged=lambda: resume_point(run_dir, resume, overwrite) == resume_from)
+
     def set_up_run_dir() -> None:
         if main:
-            if overwrite and run_dir.exists() and resume_from is None:
-                shutil.rmtree(run_dir)
+            if overwrite and resume_from is None:
+                for path in run_dir.iterdir():  # all but the lock this run holds
+                    if path.name != LOCK_NAME:
+                        shutil.rmtree(path) if path.is_dir() else path.unlink()
             remove_debris(run_dir)
             (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
             save_recipe(recipe, run_dir / "recipe.yaml")
@@ -582,7 +599,7 @@ def _train(recipe: Recipe, signals: _Signals, *, output_dir: str | None, resume:
     def write_report() -> None:
         if main:
             save_scores(final_dir / "eval" / "start.npz", start_scores)
-            # Written last: its presence marks the run as finished (see _resume_point).
+            # Written last: its presence marks the run as finished (see resume_point).
             write_json(final_dir / "eval" / "report.json", report)
 
     _write_together(accelerator, "the final report", final_dir / "eval", write_report)
@@ -775,10 +792,13 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return []
 
 
-def _check_document_masking(recipe: Recipe, model: Any) -> None:
+def _check_document_masking(recipe: Recipe, model: Any, cuda: bool) -> None:
+    impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    if impl == "flex_attention" and not cuda:
+        raise UsageError("model.attn_implementation: flex_attention has no backward pass on a "
+                         "CPU in torch; train with sdpa (or eager) here")
     if recipe.data.cross_document_attention:
         return
-    impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
     # transformers builds a block-diagonal mask from restarted position_ids for these backends.
     if impl not in ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"):
         raise UsageError(
@@ -788,7 +808,16 @@ def _check_document_masking(recipe: Recipe, model: Any) -> None:
             "data.cross_document_attention=true.")
 
 
-def _resume_point(run_dir: Path, resume: str | None, overwrite: bool) -> Path | None:
+def is_run_dir(path: Path) -> bool:
+    """A folder cpt trained into: what `--overwrite` may replace (never a folder of data, of other
+    runs, or the current directory holding the recipe)."""
+    return (path / "recipe.yaml").is_file() and (path / CHECKPOINTS).is_dir()
+
+
+def resume_point(run_dir: Path, resume: str | None, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from (None: start at step 0), or a UsageError when the run
+    directory does not allow what was asked (exists without --resume/--overwrite, finished).
+    Reads only."""
     if resume not in (None, "auto", "never"):
         path = Path(resume)
         if not (path / "trainer_state.json").is_file():
@@ -798,7 +827,11 @@ def _resume_point(run_dir: Path, resume: str | None, overwrite: bool) -> Path | 
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"{run_dir} is a file, not a run directory; pick another --output-dir "
                          "(or output_dir in the recipe)")
-    exists = run_dir.exists() and any(run_dir.iterdir())
+    exists = run_dir.exists() and any(p.name != LOCK_NAME for p in run_dir.iterdir())
+    if exists and overwrite and not is_run_dir(run_dir):
+        raise UsageError(f"{run_dir} is not a cpt run directory (no recipe.yaml and checkpoints/), "
+                         "so --overwrite will not delete it; pick an --output-dir that is new or "
+                         "a run directory")
     if resume == "auto":
         # final/eval/report.json is the last file a run writes: with it the run is finished.
         # Without it (killed during the final evaluation) the newest checkpoint is trained on
@@ -812,6 +845,57 @@ def _resume_point(run_dir: Path, resume: str | None, overwrite: bool) -> Path | 
         raise UsageError(f"{run_dir} already exists. Use --resume auto to continue it, "
                          "--overwrite to replace it, or --output-dir for a new one.")
     return None
+
+
+def _main_first(accelerator: Any, work: Callable[[], _T]) -> _T:
+    """`work` on the main process, then on the others (accelerate's `main_process_first`), except
+    that a UsageError on the main process is raised on every process, instead of leaving the
+    others at the barrier until the main one exits and their connection breaks (a traceback
+    from each)."""
+    error: UsageError | None = None
+    result: Any = None
+    if accelerator.is_main_process:
+        try:
+            result = work()
+        except UsageError as err:
+            error = err
+    failed = error is not None
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([float(failed)], device=accelerator.device)
+        failed = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+    if failed:
+        raise error or UsageError("the data could not be prepared (see the main process)")
+    return result if accelerator.is_main_process else work()
+
+
+def _lock_together(accelerator: Any, run_dir: Path, cleanup: contextlib.ExitStack,
+                   unchanged: Callable[[], bool]) -> None:
+    """The main process takes the run directory's lock for the rest of the run (see runlock) and
+    checks that the directory still holds what this run planned on; if not, every process
+    raises (one reduce), as `_write_together` does."""
+    problem: str | None = None
+    if accelerator.is_main_process:
+        try:
+            fd = lock_run_dir(run_dir)
+            if fd is not None:
+                cleanup.callback(os.close, fd)
+            if not unchanged():
+                problem = (f"{run_dir} changed while this run prepared (another cpt train wrote "
+                           "it); run the same command again")
+        except RunBusy as busy:
+            problem = (f"{run_dir} is being trained by another cpt train (process {busy.holder}); "
+                       "wait for it to end or stop it, then run again (--resume auto continues "
+                       "it)")
+        except UsageError as err:
+            problem = f"{run_dir} changed while this run prepared: {err}"
+        except OSError as err:
+            problem = _write_failure("the run directory's lock", run_dir / LOCK_NAME, err)
+    failed = problem is not None
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([float(failed)], device=accelerator.device)
+        failed = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+    if failed:
+        raise UsageError(problem or "the run directory is in use (see the main process)")
 
 
 def _write_heldout(run_dir: Path, data: PreparedData) -> None:
@@ -1042,6 +1126,32 @@ def _load_checkpoint(path: Path, accelerator: Any, model: Any, optimizer: Any, s
         _set_rng_state(_load_state(rng))
     return RunState(step=meta["step"], bad_steps=meta["bad_steps"],
                     peak_forgetting=meta["peak_forgetting"])
+
+
+def check_checkpoint_weights(path: Path, model: Any) -> None:
+    """The checkpoint's weight files are readable and hold this model's shapes: a damaged file,
+    or a recipe whose model section changed since, is a message, not a failure halfway through
+    loading."""
+    from safetensors import safe_open
+
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise UsageError(f"checkpoint {path} has no model.safetensors; resume from another "
+                         "checkpoint (--resume checkpoints/step-N)")
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt") as fh:
+                for name in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    saved = tuple(fh.get_slice(name).get_shape())
+                    if name in shapes and shapes[name] != saved:
+                        raise UsageError(
+                            f"checkpoint {path} holds {name} of shape {list(saved)}, the "
+                            f"recipe's model {list(shapes[name])}: the model section changed "
+                            "since it was written. Restore it, or start a new run.")
+        except SafetensorError as err:
+            raise UsageError(f"checkpoint {path}: {shard.name} is damaged ({err}); resume "
+                             "from another checkpoint (--resume checkpoints/step-N)") from None
 
 
 def _load_weights_and_optimizer(path: Path, accelerator: Any, model: Any,

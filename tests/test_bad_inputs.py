@@ -241,7 +241,19 @@ RECIPE_CASES = [
     Case("negative-weight", setting(data__sources__1__weight=-0.5),
          ("data.sources[1].weight", "positive")),
     Case("weight-not-a-number", setting(data__sources__1__weight="heavy"),
-         ("data.sources[1].weight", "expected a number")),
+         ("data.sources[1].weight", "expected a finite number")),
+    Case("weight-nan", setting(data__sources__1__weight="nan"),
+         ("data.sources[1].weight", "expected a finite number")),
+    Case("warmup-nan", setting(train__schedule={"name": "cosine", "warmup": "nan"}),
+         ("train.schedule.warmup", "expected a finite number", "'nan'")),
+    Case("max-epochs-nan", setting(data__max_epochs=float("nan")),
+         ("data.max_epochs", "expected a finite number")),
+    Case("lr-infinite", setting(train__optimizer={"lr": "inf"}),
+         ("train.optimizer.lr", "expected a finite number")),
+    Case("forgetting-budget-nan", setting(eval__max_forgetting_bpb=".nan"),
+         ("eval.max_forgetting_bpb", "expected a finite number")),
+    Case("seed-too-large", setting(seed=99999999999999999999),
+         ("seed", "must be between 0 and 4294967295")),
     Case("replay-ratio-one", _replay(1.0), ("data.replay.ratio", "below 1")),
     Case("replay-ratio-above-one", _replay(1.5), ("data.replay.ratio", "below 1")),
     Case("replay-ratio-without-sources", setting(data__replay={"ratio": 0.25, "inherit": False}),
@@ -635,6 +647,14 @@ TRAIN_CASES = [
          ("results is a file", "--output-dir")),
     Case("output-dir-option-is-a-file", _args("--output-dir", "data/qa.jsonl"),
          ("data/qa.jsonl is a file", "--output-dir")),
+    Case("overwrite-a-folder-that-is-no-run", _args("--output-dir", "data", "--overwrite"),
+         ("data is not a cpt run directory", "--overwrite will not delete it")),
+    Case("freeze-everything", setting(train__freeze=[".*"]),
+         ("train.freeze", "freezes every parameter")),
+    Case("flex-attention-on-cpu", setting(model__attn_implementation="flex_attention"),
+         ("model.attn_implementation", "flex_attention", "sdpa")),
+    Case("model-size-negative", setting(model__init__config__intermediate_size=-4),
+         ("model.init.config", "cannot be built")),
 ]
 
 
@@ -667,7 +687,17 @@ def test_compile_on_cpu_without_a_compiler(cli: Any, tmp_path: Path, tiny_recipe
     (["data"], ("data", "neither a model folder")),
     (["data", "--data", "code"], ("--data 'code'", "NAME=FILE")),
     (["data", "--data", "=data/qa.jsonl"], ("NAME=FILE",)),
-], ids=["path-missing", "not-a-model", "data-without-equals", "data-without-name"])
+    (["data", "--data", "a=data/qa.jsonl", "--data", "a=data/prose.jsonl"],
+     ("--data a: named twice",)),
+    (["data", "--max-forgetting", "nan"], ("--max-forgetting nan", "finite")),
+    (["data", "--max-forgetting", "-1"], ("--max-forgetting -1.0", "0 or more")),
+    (["data", "--batch-tokens", "0"], ("--batch-tokens 0", "positive")),
+    (["data", "--bootstrap", "-5"], ("--bootstrap -5",)),
+    (["data", "--plot", "data"], ("--plot data: is a folder",)),
+    (["data", "--plot", "nowhere/curves.png"], ("the folder nowhere does not exist",)),
+], ids=["path-missing", "not-a-model", "data-without-equals", "data-without-name",
+        "data-name-twice", "budget-nan", "budget-negative", "batch-tokens-zero",
+        "bootstrap-negative", "plot-is-a-folder", "plot-folder-missing"])
 def test_bad_eval(args: list[str], expect: tuple[str, ...], cli: Any, tmp_path: Path,
                   tiny_recipe: dict) -> None:
     before = _snapshot(tmp_path)
@@ -785,3 +815,13 @@ def test_trust_remote_code_warns(tiny_recipe: dict, tiny_tokenizer: Path,
     with pytest.warns(UserWarning, match="trust_remote_code is true: code shipped with the "
                                          "model will run"):
         load_model(recipe, AutoTokenizer.from_pretrained(str(tiny_tokenizer)))
+
+
+def test_quickstart_corpus_into_a_file_is_refused(cli: Any, tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("mine")
+    for target in ("afile", "afile/sub"):
+        result = cli("data", "quickstart", target)
+        assert result.exit_code == 2, result.output
+        assert f"cannot write the corpus to {target}" in result.output, result.output
+        assert "Traceback" not in result.output
+    assert (tmp_path / "afile").read_text() == "mine"

@@ -161,6 +161,36 @@ def test_an_entry_without_meta_is_rebuilt(tmp_path: Path, corpus: Path,
     assert calls == ["docs"] and again.num_documents == len(DOCS)
 
 
+@pytest.mark.parametrize("damage", ["truncated-tokens", "meta-not-json", "offsets-missing",
+                                    "hashes-short"])
+def test_a_damaged_entry_is_rebuilt(damage: str, tmp_path: Path, corpus: Path,
+                                    tokenizer: PreTrainedTokenizerBase,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache is derived data: an entry damaged by hand or by the disk is made again, with
+    the same tokens, instead of failing every later run."""
+    entry = prepare(tmp_path, tokenizer)
+    tokens = np.array(entry.tokens)
+    if damage == "truncated-tokens":
+        with open(entry.path / "tokens.bin", "r+b") as fh:
+            fh.truncate(10)
+    elif damage == "meta-not-json":
+        (entry.path / "meta.json").write_text("{")
+    elif damage == "offsets-missing":
+        (entry.path / "offsets.npy").unlink()
+    else:
+        np.save(entry.path / "hashes.npy", entry.hashes[:-1])
+    calls = count_tokenizations(monkeypatch)
+    again = prepare(tmp_path, tokenizer)
+    assert calls == ["docs"] and np.array_equal(np.array(again.tokens), tokens)
+
+
+def test_an_empty_cpt_cache_means_the_default(monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("CPT_CACHE", "")
+    assert cache_module.default_cache_dir() == tmp_path / ".cache" / "cpt"
+
+
 def test_a_source_with_no_documents(tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> None:
     (tmp_path / "docs.jsonl").write_text(json.dumps({"text": "tiny"}) + "\n")
     with pytest.raises(DataError, match=r"source 'docs' has no documents \(skipped: 1 shorter "

@@ -51,6 +51,8 @@ def test_launch_refuses_what_every_process_would_refuse(tmp_path: Path) -> None:
                             "deepspeed_config": {"deepspeed_config_file": "ds.json"}},
                            "zero_stage 0"),
         "broken.yaml": ("distributed_type: [", "cannot read"),
+        "nonsense.yaml": ({"distributed_type": "NONSENSE", "num_processes": 2},
+                          "distributed_type 'NONSENSE' is not one of"),
     }
     (tmp_path / "ds.json").write_text(json_module.dumps({"zero_optimization": {"stage": 0}}))
     for name, (content, expect) in cases.items():
@@ -80,6 +82,25 @@ def test_launch_refuses_what_every_process_would_refuse(tmp_path: Path) -> None:
     assert proc.returncode == 2, out
     assert "C++ compiler" in out and "Traceback" not in out, out
     assert not (tmp_path / "run").exists()
+
+    # The mixture plan for 2 processes, and the run directory: refused before the launch too.
+    recipe = recipe_file(tmp_path, "launch-plan", [{"name": "prose", "path": paths["prose"]}],
+                         train={"global_batch_size": 6, "micro_batch_size": 2})
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    for args, expect in [([], "not a multiple of micro_batch_size (2) x processes (2)"),
+                         (["train.global_batch_size=8", "--output-dir", str(existing)],
+                          "already exists"),
+                         (["train.global_batch_size=8", "--output-dir", str(existing),
+                           "--resume", "nowhere"], "not a complete cpt checkpoint")]:
+        proc = subprocess.run([sys.executable, "-m", "cpt_cli", "train", str(recipe),
+                               "--num-processes", "2", *args], capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 2 and expect in out and "Traceback" not in out, out
+    assert [p.name for p in existing.iterdir()] == ["notes.txt"]
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow

@@ -246,3 +246,85 @@ def test_missing_base_names_the_option(two_stage: dict[str, Path], tmp_path: Pat
                                  "--base", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "--base" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_lineage_domain_whose_held_out_text_is_all_trained_on_is_left_out(
+        two_stage: dict[str, Path], tmp_path: Path) -> None:
+    """A new source holding every held-out prose document of the lineage: scoring prose would
+    measure memorization, so it is left out with a warning (never a NaN row); a new source named
+    like a lineage domain but holding none of its held-out text is warned about too."""
+    from cpt_cli.lineage import read_heldout
+
+    held = [d["text"] for d in read_heldout(two_stage["stage1"] / "heldout" / "prose.jsonl")]
+    # Held-out sets take the documents of smallest hash: one below all of prose's, and a budget
+    # of one document, make the new source hold out that one and train on all of prose's.
+    from cpt_cli.cache import document_hash
+
+    lowest = min(document_hash(t) for t in held)
+    first = next(t for t in (f"A note, number {i}." for i in range(10**6))
+                 if document_hash(t) < lowest)
+    mixed = _write_jsonl(tmp_path / "mixed.jsonl", [first] + held + CODE)
+    recipe = _recipe(tmp_path, "swallow", {
+        "model": {"path": str(two_stage["stage1"])},
+        "data": {"sources": [{"name": "mixed", "path": mixed}], "holdout": {"tokens": 1},
+                 "replay": {"ratio": 0.0, "inherit": False}}})
+    result = runner.invoke(app, ["mix", "inspect", str(recipe), "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert any("domain 'prose': every held-out document is also in this stage's training data"
+               in w for w in plan["warnings"]), plan["warnings"]
+    recipe = _recipe(tmp_path, "renamed", {
+        "model": {"path": str(two_stage["stage1"])},
+        "data": {"sources": [{"name": "prose", "path": str(two_stage["code"])}],
+                 "replay": {"ratio": 0.0, "inherit": False}}})
+    result = runner.invoke(app, ["mix", "inspect", str(recipe), "--json"])
+    assert result.exit_code == 0, result.output
+    assert any("source 'prose' is named like the lineage's domain but holds none of its "
+               "held-out documents" in w for w in json.loads(result.stdout)["warnings"])
+
+
+def test_damaged_lineage_files_are_named(two_stage: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(two_stage["final2"], model)
+    (model / "manifest.json").write_text('{"x')
+    result = runner.invoke(app, ["eval", str(model)])
+    assert result.exit_code == 2 and "manifest.json is damaged" in result.output, result.output
+    shutil.copy(two_stage["final2"] / "manifest.json", model / "manifest.json")
+    with open(model / "heldout" / "prose.jsonl", "a") as fh:
+        fh.write("not json\n")
+    result = runner.invoke(app, ["eval", str(model)])
+    assert result.exit_code == 2 and "prose.jsonl is missing or damaged" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_eval_data_without_documents_is_refused(two_stage: dict[str, Path],
+                                                tmp_path: Path) -> None:
+    (tmp_path / "empty.jsonl").write_text("\n")
+    result = runner.invoke(app, ["eval", str(two_stage["final2"]), "--data",
+                                 f"x={tmp_path / 'empty.jsonl'}"])
+    assert result.exit_code == 2 and "no text to score" in result.output, result.output
+
+
+def test_json_outputs_hold_no_nan() -> None:
+    from cpt_cli.lineage import json_safe
+
+    payload = {"loss": float("nan"), "rows": [{"bpb": float("inf")}, 1.5], "n": 3}
+    assert json.loads(json.dumps(json_safe(payload), allow_nan=False)) == \
+        {"loss": None, "rows": [{"bpb": None}, 1.5], "n": 3}
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_skipped(two_stage: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(two_stage["run2"], run)
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"event": "train", "step": 1')
+    result = runner.invoke(app, ["eval", str(run / "final"), "--json", "--bootstrap", "0",
+                                 "--plot", str(tmp_path / "curves.png")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["summary"]["peak_forgetting_bpb"] is not None
+    assert (tmp_path / "curves.png").stat().st_size > 0

@@ -185,3 +185,63 @@ def test_sigint_then_double_sigterm_then_resume(straight: dict[str, Any], tmp_pa
     proc = _launch(recipe, run_dir, log)
     assert proc.wait(timeout=300) == 0, log.read_text()
     _assert_same_final(straight["final"], run_dir / "final")
+
+
+def test_a_second_train_of_a_run_in_progress_is_refused(straight: dict[str, Any],
+                                                        tmp_path: Path) -> None:
+    """Two trainings never write one run directory: a resume started while the run still trains
+    exits 2 naming the process that holds it, and writes nothing."""
+    recipe, run_dir = straight["recipe"], tmp_path / "run"
+    log = tmp_path / "first.log"
+    proc = _launch(recipe, run_dir, log)
+    try:
+        assert _wait_for(log, r"^step 2\b", proc, timeout=120), log.read_text()
+        second = subprocess.run([sys.executable, "-m", "cpt_cli", "train", str(recipe),
+                                 "--output-dir", str(run_dir), "--resume", "auto"],
+                                capture_output=True, text=True,
+                                env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+        assert proc.poll() is None, "the first run ended before the second was refused"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert f"is being trained by another cpt train (process {proc.pid})" in second.stderr
+    assert "Traceback" not in second.stdout + second.stderr
+
+
+def test_killing_the_launcher_stops_its_workers_with_a_checkpoint(straight: dict[str, Any],
+                                                                  tmp_path: Path) -> None:
+    """`accelerate launch` starts each worker in a session of its own. SIGKILL to the launching
+    process group (cpt and accelerate) must not leave them training unsupervised: they get
+    SIGTERM, checkpoint and exit, releasing the run directory, and the run resumes."""
+    from cpt_cli.runlock import RunBusy, lock_run_dir
+
+    recipe, run_dir = straight["recipe"], tmp_path / "run"
+    log = tmp_path / "launched.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    argv = [sys.executable, "-m", "cpt_cli", "train", str(recipe), "--output-dir", str(run_dir),
+            "--resume", "auto", "--num-processes", "2"]
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    assert _wait_for(log, r"^step 3\b", proc, timeout=180), log.read_text()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 120
+    while True:  # the lock is free once the main worker has exited
+        try:
+            os.close(lock_run_dir(run_dir))
+            break
+        except RunBusy:
+            assert time.monotonic() < deadline, f"workers still running:\n{log.read_text()}"
+            time.sleep(0.2)
+    text = log.read_text(errors="replace")
+    stopped = re.search(r"received SIGUSR1 at step (\d+) of 50: checkpoint saved", text)
+    assert stopped, text
+    assert _newest_step(run_dir) == int(stopped.group(1))
+    assert not (run_dir / "final").exists()
+    with open(tmp_path / "resumed.log", "wb") as fh:
+        assert subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                              timeout=600).returncode == 0, (tmp_path / "resumed.log").read_text()
+    resumed = (tmp_path / "resumed.log").read_text()
+    assert f"resuming at step {stopped.group(1)}" in resumed, resumed

@@ -250,3 +250,21 @@ def test_inherited_replay_from_a_parent_run(tmp_path: Path, tiny_tokenizer: Path
     assert shares["prose"] == pytest.approx(0.15, abs=0.005)
     assert shares["notes"] == pytest.approx(0.15, abs=0.005)
     assert all(s.inherited == (s.name != "code") for s in data.plan.sources)
+
+
+def test_a_plan_with_no_new_data_is_refused_and_a_source_with_none_is_warned() -> None:
+    from cpt_cli.errors import RecipeError
+    from cpt_cli.mixture import PlanSource, make_plan
+
+    def sources() -> list[PlanSource]:
+        return [PlanSource(name="code", role="new", weight=1.0, documents=10,
+                           tokens_available=10_000, holdout_tokens=100),
+                PlanSource(name="rare", role="new", weight=0.001, documents=10,
+                           tokens_available=10_000, holdout_tokens=100),
+                PlanSource(name="web", role="replay", weight=1.0, documents=10,
+                           tokens_available=10_000, holdout_tokens=100)]
+
+    plan = make_plan(sources(), [100.0] * 3, 100, 0.25, 64, 0, [16.0] * 3)
+    assert any("source 'rare' gets no sequence" in w for w in plan.warnings), plan.warnings
+    with pytest.raises(RecipeError, match="no sequence of new data in 100"):
+        make_plan(sources(), [100.0] * 3, 100, 0.999, 64, 0, [16.0] * 3)

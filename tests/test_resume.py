@@ -5,6 +5,7 @@ before the resume point; a changed data section is refused."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -215,3 +216,26 @@ def test_compiled_run_resumed_in_a_new_process_is_bit_exact(tmp_path: Path) -> N
     shutil.rmtree(rewound / "checkpoints" / "step-000006")
     cpt_train(rewound, "--resume", "auto")
     _assert_same_run(tmp_path / "straight", rewound)
+
+
+@pytest.mark.parametrize("damage", ["truncated-weights", "model-changed"])
+def test_a_checkpoint_that_cannot_load_is_refused_before_anything_changes(
+        damage: str, straight: dict[str, Any]) -> None:
+    run_dir = straight["tmp"] / f"refused-{damage}"
+    shutil.copytree(straight["result"].run_dir, run_dir)
+    shutil.rmtree(run_dir / "final")  # not finished: --resume auto takes the newest checkpoint
+    newest = complete_checkpoints(run_dir)[-1]
+    recipe = straight["recipe"]
+    if damage == "truncated-weights":
+        with open(newest / "model.safetensors", "r+b") as fh:
+            fh.truncate(50)
+        expect = re.escape("model.safetensors is damaged")
+    else:
+        recipe = _recipe(straight["tmp"], straight["paths"], model={"init": {"config": {
+            "intermediate_size": 96}}})
+        expect = r"holds model\.layers\.0\.mlp\.\w+\.weight of shape \[\d+, \d+\], the recipe's " \
+                 r"model \[\d+, \d+\]: the model section changed"
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(UsageError, match=expect):
+        train(recipe, output_dir=str(run_dir), resume="auto")
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before

@@ -199,12 +199,20 @@ def test_existing_run_directory_is_never_overwritten(run: dict[str, Any]) -> Non
         train(run["recipe"], output_dir=str(run["result"].run_dir), resume="auto")
 
 
-def test_overwrite_replaces_the_run(run: dict[str, Any]) -> None:
-    run_dir = run["tmp"] / "runs" / "again"
-    run_dir.mkdir(parents=True)
-    (run_dir / "stale.txt").write_text("from another run")
+def test_overwrite_replaces_a_run_and_nothing_else(run: dict[str, Any]) -> None:
     recipe = tiny_recipe(run["tmp"], "again", run["sources"], train={"steps": 2},
                          eval={"every_steps": None})
+    # A folder cpt did not train into (data, other runs, the current directory) is never deleted.
+    folder = run["tmp"] / "mine"
+    (folder / "runs" / "old").mkdir(parents=True)
+    (folder / "notes.txt").write_text("precious")
+    with pytest.raises(UsageError, match="not a cpt run directory.*--overwrite will not delete"):
+        train(recipe, output_dir=str(folder), overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "runs"]
+    # A run directory is replaced.
+    run_dir = run["tmp"] / "runs" / "again"
+    train(recipe, output_dir=str(run_dir))
+    (run_dir / "stale.txt").write_text("from the earlier run")
     result = train(recipe, output_dir=str(run_dir), overwrite=True)
     assert not (run_dir / "stale.txt").exists() and result.steps == 2
 

@@ -43,7 +43,9 @@ def run_guarded(fn: Callable[[], Any]) -> Any:
 
 
 def print_json(payload: Any) -> None:
-    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+    from cpt_cli.lineage import json_safe
+
+    sys.stdout.write(json.dumps(json_safe(payload), indent=2, default=str) + "\n")
 
 
 from cpt_cli.cli import data, eval, mix, train  # noqa: E402,F401  (registers the commands)

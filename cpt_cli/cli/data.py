@@ -9,6 +9,7 @@ from rich.console import Console
 
 from cpt_cli.cli import data_app, print_json, run_guarded
 from cpt_cli.cli.options import Json, Overrides, RecipePath
+from cpt_cli.errors import UsageError
 
 
 @data_app.command("prepare")
@@ -61,7 +62,11 @@ def quickstart_command(
     from cpt_cli.corpus import build_quickstart_corpus
 
     def body() -> None:
-        paths = build_quickstart_corpus(out_dir, force=force)
+        try:
+            paths = build_quickstart_corpus(out_dir, force=force)
+        except OSError as err:  # a file where the folder should be, a read-only place, ...
+            raise UsageError(f"cannot write the corpus to {out_dir} ({err.strerror or err}); "
+                             "name a folder that is new or writable") from None
         for domain, path in paths.items():
             Console(stderr=True).print(f"{domain}: {path}", highlight=False)
 

@@ -52,7 +52,11 @@ def eval_command(
             if not sep or not name or not file:
                 raise UsageError(f"--data {item!r}: write it as NAME=FILE, e.g. "
                                  "--data code=held_out_code.jsonl")
+            if name in files:
+                raise UsageError(f"--data {name}: named twice ({files[name]} and {file}); give "
+                                 "each file its own name, or one glob for both")
             files[name] = file
+        _check_options(max_forgetting, batch_tokens, bootstrap, lm_eval_limit, plot)
         if plot is not None:
             from cpt_cli.plotting import check_available
             check_available()
@@ -81,3 +85,29 @@ def eval_command(
     code = run_guarded(body)
     if code:
         raise typer.Exit(code)
+
+
+def _check_options(max_forgetting: float | None, batch_tokens: int, bootstrap: int,
+                   lm_eval_limit: int | None, plot: str | None) -> None:
+    """Refuse, before any model loads, the option values that could only fail later or mean
+    nothing (a nan budget would never trip)."""
+    import math
+    from pathlib import Path
+
+    if max_forgetting is not None and not (math.isfinite(max_forgetting) and max_forgetting >= 0):
+        raise UsageError(f"--max-forgetting {max_forgetting}: must be a finite number of bits "
+                         "per byte, 0 or more (e.g. 0.05)")
+    if batch_tokens < 1:
+        raise UsageError(f"--batch-tokens {batch_tokens}: must be positive (e.g. 4096)")
+    if bootstrap < 0:
+        raise UsageError(f"--bootstrap {bootstrap}: must be 0 (no intervals) or more")
+    if lm_eval_limit is not None and lm_eval_limit < 1:
+        raise UsageError(f"--lm-eval-limit {lm_eval_limit}: must be positive")
+    if plot is not None:
+        target = Path(plot)
+        if target.is_dir():
+            raise UsageError(f"--plot {plot}: is a folder; name the PNG file to write, e.g. "
+                             f"{target / 'curves.png'}")
+        if not target.parent.is_dir():
+            raise UsageError(f"--plot {plot}: the folder {target.parent} does not exist; create "
+                             "it first")

@@ -18,7 +18,8 @@ def inspect_command(
     samples: Annotated[int, typer.Option(
         "--samples", help="Render this many packed sequences with document boundaries.")] = 0,
     num_processes: Annotated[int | None, typer.Option(
-        "--num-processes", help="Plan for this many processes (default: launch.num_processes)."
+        "--num-processes", min=1,
+        help="Plan for this many processes (default: launch.num_processes)."
     )] = None,
     json_out: Json = False,
 ) -> None:

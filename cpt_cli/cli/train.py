@@ -32,7 +32,7 @@ def train(
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace an existing run directory.")] = False,
     num_processes: Annotated[int | None, typer.Option(
-        "--num-processes", help="Processes to launch through accelerate (default: "
+        "--num-processes", min=1, help="Processes to launch through accelerate (default: "
                                 "launch.num_processes).")] = None,
     json_out: Json = False,
 ) -> None:
@@ -51,7 +51,7 @@ def train(
         if not already_launched() and (procs > 1 or loaded.launch.accelerate_config):
             config_file = loaded.launch.accelerate_config
             config_path = resolve_path(loaded, config_file) if config_file else None
-            check_before_launch(loaded, config_path)
+            check_before_launch(loaded, config_path, procs, output_dir, resume, overwrite)
             return relaunch(procs, str(config_path) if config_path else None, sys.argv[1:])
         try:
             result = train_stage(loaded, output_dir=output_dir, resume=resume,
