@@ -847,6 +847,15 @@ def resume_point(run_dir: Path, resume: str | None, overwrite: bool) -> Path | N
     return None
 
 
+def _on_any_process(accelerator: Any, flag: bool) -> bool:
+    """Whether `flag` is true on any process (one reduce; every process must call it)."""
+    if accelerator.num_processes == 1:
+        return flag
+    total = accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device),
+                               reduction="sum")
+    return bool(total.item() > 0)
+
+
 def _main_first(accelerator: Any, work: Callable[[], _T]) -> _T:
     """`work` on the main process, then on the others (accelerate's `main_process_first`), except
     that a UsageError on the main process is raised on every process, instead of leaving the
@@ -859,10 +868,7 @@ def _main_first(accelerator: Any, work: Callable[[], _T]) -> _T:
             result = work()
         except UsageError as err:
             error = err
-    failed = error is not None
-    if accelerator.num_processes > 1:
-        flag = torch.tensor([float(failed)], device=accelerator.device)
-        failed = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+    failed = _on_any_process(accelerator, error is not None)
     if failed:
         raise error or UsageError("the data could not be prepared (see the main process)")
     return result if accelerator.is_main_process else work()
@@ -890,10 +896,7 @@ def _lock_together(accelerator: Any, run_dir: Path, cleanup: contextlib.ExitStac
             problem = f"{run_dir} changed while this run prepared: {err}"
         except OSError as err:
             problem = _write_failure("the run directory's lock", run_dir / LOCK_NAME, err)
-    failed = problem is not None
-    if accelerator.num_processes > 1:
-        flag = torch.tensor([float(failed)], device=accelerator.device)
-        failed = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+    failed = _on_any_process(accelerator, problem is not None)
     if failed:
         raise UsageError(problem or "the run directory is in use (see the main process)")
 
@@ -927,10 +930,7 @@ def _write_together(accelerator: Any, what: str, path: Path, write: Callable[[],
         result = write()
     except WRITE_ERRORS as err:
         error = err
-    failed = error is not None
-    if accelerator.num_processes > 1:
-        flag = torch.tensor([float(failed)], device=accelerator.device)
-        failed = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+    failed = _on_any_process(accelerator, error is not None)
     if failed:
         if cleanup is not None and accelerator.is_main_process:
             shutil.rmtree(cleanup, ignore_errors=True)
