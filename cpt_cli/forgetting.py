@@ -26,7 +26,7 @@ from cpt_cli.evaluation import DomainText, forgetting_table, load_scores, save_s
 from cpt_cli.hostmemory import keep_freed_memory
 from cpt_cli.lineage import HELDOUT_DIR, MANIFEST, read_events, read_heldout, read_manifest
 from cpt_cli.scoring import DocumentScores
-from cpt_cli.sources import PlainFile, file_records
+from cpt_cli.sources import PlainFile, file_records, is_saved_dataset_meta
 from cpt_cli.trainer import CHECKPOINTS, complete_checkpoints
 
 
@@ -55,9 +55,11 @@ def read_text_file(name: str, file: str) -> list[str]:
     option = f"--data {name}={file}"
     expanded = os.path.expanduser(file)
     pattern = os.path.join(expanded, "**", "*") if os.path.isdir(expanded) else expanded
-    paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True)
+                   if os.path.isfile(p) and not is_saved_dataset_meta(Path(p)))
     if not paths:
-        raise UsageError(f"{option}: no such file")
+        raise UsageError(f"{option}: " + ("the folder holds no file" if os.path.isdir(expanded)
+                                          else "no such file"))
     texts: list[str] = []
     for path in paths:
         try:
@@ -174,7 +176,9 @@ def evaluate(path: str | Path, *, data: dict[str, str] | None = None, base: str 
         for d in point["domains"].values():
             if d["role"] == "retained" and d["delta_bpb"] is not None:
                 peak = d["delta_bpb"] if peak is None else max(peak, d["delta_bpb"])
-    run_peak = _training_peak(last)
+    # The peak the evaluations during training saw, on the same held-out sets and start model
+    # (not comparable with --data or --base figures).
+    run_peak = _training_peak(last) if not data and base is None else None
     if run_peak is not None:
         peak = run_peak if peak is None else max(peak, run_peak)
     if peak is not None:
@@ -214,6 +218,13 @@ def _training_peak(model_dir: Path) -> float | None:
     """Peak forgetting seen by the evaluations during training (metrics.jsonl)."""
     metrics = _find_run_dir(model_dir) / "metrics.jsonl"
     if not metrics.is_file():
+        # A final/ folder copied without its run: the figure its training wrote.
+        written = model_dir / "eval" / "report.json"
+        if written.is_file():
+            try:
+                return json.loads(written.read_text())["summary"].get("peak_forgetting_bpb")
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
         return None
     peak = None
     for event in read_events(metrics):
@@ -223,6 +234,18 @@ def _training_peak(model_dir: Path) -> float | None:
             if d.get("role") == "retained" and d.get("delta_bpb") is not None:
                 peak = d["delta_bpb"] if peak is None else max(peak, d["delta_bpb"])
     return peak
+
+
+def _model_identity(base: str) -> Any:
+    """What the cached scores of `--base` belong to: a local folder by its absolute path and its
+    weight files' sizes and modification times (a model retrained in place scores anew), a Hub
+    id by itself."""
+    local = Path(base).expanduser()
+    if not local.is_dir():
+        return base
+    files = sorted(local.glob("*.safetensors")) + sorted(local.glob("*.bin"))
+    return [str(local.resolve()), [(f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                                   for f in files]]
 
 
 def _start_scores(model_dir: Path, domains: list[DomainText], base: str | None, explicit: bool,
@@ -239,7 +262,8 @@ def _start_scores(model_dir: Path, domains: list[DomainText], base: str | None, 
         return None
     if base is None:
         return None
-    key = hashlib.sha256(json.dumps([base, [(d.name, d.texts) for d in domains]]).encode())
+    key = hashlib.sha256(json.dumps([_model_identity(base),
+                                     [(d.name, d.texts) for d in domains]]).encode())
     cache = run_dir / "eval" / f"base-{key.hexdigest()[:16]}.npz"
     if cache.is_file():
         return load_scores(cache)

@@ -62,9 +62,17 @@ def check_before_launch(recipe: Any, config_file: Path | None, num_processes: in
     from cpt_cli.errors import UsageError
     from cpt_cli.modeling import check_model_path
     from cpt_cli.prepare import plan_data, prepare_data
-    from cpt_cli.trainer import check_compiler, deepspeed_problems, resume_point, run_dir_for
+    from cpt_cli.trainer import (
+        check_compiler,
+        check_overwrite_keeps_model,
+        deepspeed_problems,
+        resume_point,
+        run_dir_for,
+    )
 
-    resume_point(run_dir_for(recipe, output_dir), resume, overwrite)
+    run_dir = run_dir_for(recipe, output_dir)
+    resuming = resume_point(run_dir, resume, overwrite) is not None
+    check_overwrite_keeps_model(recipe, run_dir, overwrite and not resuming)
     check_compiler(recipe, torch.cuda.is_available(), os.environ)
     problems = check_model_path(recipe)
     if problems:

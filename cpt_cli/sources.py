@@ -55,7 +55,7 @@ def expand_paths(source: SourceConfig, base_dir: str | Path) -> list[Path]:
                              if os.path.isfile(p))
         else:
             matches = sorted(p for p in glob.glob(full, recursive=True) if os.path.isfile(p))
-        matches = [m for m in matches if not _is_saved_dataset_meta(Path(m))]
+        matches = [m for m in matches if not is_saved_dataset_meta(Path(m))]
         if not matches:
             raise DataError(f"source {source.name!r}: path {pattern!r} matches no file "
                             f"(looked for {full}). Check the glob; relative paths start at the "
@@ -64,7 +64,7 @@ def expand_paths(source: SourceConfig, base_dir: str | Path) -> list[Path]:
     return sorted(set(files))
 
 
-def _is_saved_dataset_meta(path: Path) -> bool:
+def is_saved_dataset_meta(path: Path) -> bool:
     """The metadata of a folder written by `save_to_disk`: its .arrow shards hold the records."""
     return path.name in _SAVED_DATASET_META and (
         (path.parent / "state.json").is_file() or (path.parent / "dataset_dict.json").is_file())

@@ -296,6 +296,7 @@ def _train(recipe: Recipe, signals: _Signals, cleanup: contextlib.ExitStack, *,
         raise UsageError("the recipe's model cannot be used:", problems)
     run_dir = run_dir_for(recipe, output_dir)
     resume_from = resume_point(run_dir, resume, overwrite)
+    check_overwrite_keeps_model(recipe, run_dir, overwrite and resume_from is None)
 
     cuda = torch.cuda.is_available()
     if not cuda:
@@ -812,6 +813,16 @@ def is_run_dir(path: Path) -> bool:
     """A folder cpt trained into: what `--overwrite` may replace (never a folder of data, of other
     runs, or the current directory holding the recipe)."""
     return (path / "recipe.yaml").is_file() and (path / CHECKPOINTS).is_dir()
+
+
+def check_overwrite_keeps_model(recipe: Recipe, run_dir: Path, replacing: bool) -> None:
+    """Replacing a run directory that holds the model this recipe starts from would delete it
+    before training on it."""
+    location = model_location(recipe) if replacing and recipe.model.path else None
+    if location and Path(location).exists() and run_dir.exists() and \
+            Path(location).resolve().is_relative_to(run_dir.resolve()):
+        raise UsageError(f"--overwrite would delete {run_dir}, which holds this recipe's "
+                         f"model.path ({location}); train into another --output-dir")
 
 
 def resume_point(run_dir: Path, resume: str | None, overwrite: bool) -> Path | None:
@@ -1336,7 +1347,9 @@ def _load_parent_optimizer(recipe: Recipe, model: Any, optimizer: torch.optim.Op
 
 
 def _start_name(recipe: Recipe) -> str:
-    return recipe.model.path if recipe.model.path else "init (from scratch)"
+    """The start model as the manifest records it: a local folder by its absolute path (`cpt eval`
+    loads it from anywhere), a Hub id as given."""
+    return model_location(recipe) or "init (from scratch)"
 
 
 def _manifest(recipe: Recipe, data: PreparedData, step: int, accelerator: Any) -> dict[str, Any]:

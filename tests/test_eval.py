@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from cpt_cli.cli import app  # noqa: E402
 from cpt_cli.config import load_recipe  # noqa: E402
+from cpt_cli.errors import UsageError  # noqa: E402
 from cpt_cli.trainer import train  # noqa: E402
 
 runner = CliRunner()
@@ -328,3 +330,78 @@ def test_a_metrics_line_cut_short_by_a_kill_is_skipped(two_stage: dict[str, Path
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["summary"]["peak_forgetting_bpb"] is not None
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_base_scores_are_cached_per_model_not_per_name(two_stage: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    """`--base` names a folder; retrained in place, it is scored anew, not read from the cache."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(two_stage["stage1"], base)
+    data = _write_jsonl(tmp_path / "p.jsonl", PROSE[:6])
+    args = ["eval", str(two_stage["final2"]), "--data", f"prose={data}", "--base", str(base),
+            "--json", "--bootstrap", "0"]
+    first = json.loads(runner.invoke(app, args).stdout)["domains"][0]["start_bpb"]
+    time.sleep(0.01)
+    shutil.copy(two_stage["final2"] / "model.safetensors", base / "model.safetensors")
+    second = json.loads(runner.invoke(app, args).stdout)["domains"][0]["start_bpb"]
+    nll, _, nbytes = _independent_nll(two_stage["final2"], PROSE[:6])
+    assert first != pytest.approx(second)
+    assert second == pytest.approx(nll / (nbytes * math.log(2)), rel=1e-4)
+
+
+def test_a_forgetting_gate_with_nothing_to_compare_is_refused(two_stage: dict[str, Path],
+                                                              tmp_path: Path) -> None:
+    data = _write_jsonl(tmp_path / "p.jsonl", PROSE[:6])
+    result = runner.invoke(app, ["eval", str(two_stage["stage1"]), "--data", f"prose={data}",
+                                 "--max-forgetting", "0.01"])
+    assert result.exit_code == 2, result.output
+    assert "--max-forgetting: there is no forgetting figure to check" in result.output
+
+
+def test_overwrite_never_deletes_the_model_it_starts_from(two_stage: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "c1"
+    shutil.copytree(two_stage["stage1"].parent, run)
+    recipe = _recipe(tmp_path, "self", {
+        "model": {"path": str(run / "final")},
+        "data": {"sources": [{"name": "code", "path": str(two_stage["code"])}],
+                 "replay": {"ratio": 0.0, "inherit": False}}})
+    with pytest.raises(UsageError, match="--overwrite would delete .*c1, which holds this "
+                                         "recipe's model.path"):
+        train(load_recipe(recipe), output_dir=str(run), overwrite=True)
+    assert (run / "final" / "model.safetensors").is_file()
+
+
+def test_eval_data_reads_a_saved_dataset_folder(two_stage: dict[str, Path],
+                                                tmp_path: Path) -> None:
+    import datasets
+
+    datasets.Dataset.from_dict({"text": PROSE[:5]}).save_to_disk(str(tmp_path / "ds"))
+    jsonl = _write_jsonl(tmp_path / "p.jsonl", PROSE[:5])
+    result = runner.invoke(app, ["eval", str(two_stage["final2"]), "--data",
+                                 f"saved={tmp_path / 'ds'}", "--data", f"jsonl={jsonl}",
+                                 "--json", "--bootstrap", "0"])
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.stdout)["domains"]}
+    assert rows["saved"]["tokens"] == rows["jsonl"]["tokens"]
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["eval", str(two_stage["final2"]), "--data",
+                                 f"x={tmp_path / 'empty'}"])
+    assert result.exit_code == 2 and "the folder holds no file" in result.output
+
+
+def test_a_copied_final_folder_keeps_its_training_peak(two_stage: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    import shutil
+
+    in_run = json.loads(runner.invoke(app, ["eval", str(two_stage["final2"]), "--json",
+                                            "--bootstrap", "0"]).stdout)
+    shutil.copytree(two_stage["final2"], tmp_path / "moved")
+    moved = json.loads(runner.invoke(app, ["eval", str(tmp_path / "moved"), "--json",
+                                           "--bootstrap", "0"]).stdout)
+    assert moved["summary"]["peak_forgetting_bpb"] == \
+        pytest.approx(in_run["summary"]["peak_forgetting_bpb"])

@@ -75,7 +75,12 @@ def eval_command(
         else:
             render.forgetting(report, Console(width=max(120, Console().width)))
         worst = report["summary"]["max_forgetting_bpb"]
-        if max_forgetting is not None and worst is not None and worst > max_forgetting:
+        if max_forgetting is not None and worst is None:
+            # A gate with nothing to compare would pass whatever the model forgot.
+            raise UsageError("--max-forgetting: there is no forgetting figure to check (no start "
+                             "model to compare against, or no retained domain); pass --base "
+                             "MODEL with the start model")
+        if max_forgetting is not None and worst > max_forgetting:
             Console(stderr=True).print(
                 f"forgetting budget exceeded: {report['summary']['worst_forgetting_domain']} "
                 f"forgot {worst:.4f} bits per byte > {max_forgetting}", highlight=False)
