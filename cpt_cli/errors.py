@@ -7,6 +7,15 @@ message and exits with status 2. Anything else is a bug in cpt and keeps its tra
 from __future__ import annotations
 
 
+def offline_note(name: str, what: str = "models") -> str:
+    """" (HF_HUB_OFFLINE is set: ...)" when a Hub name failed to load because of it, else ""."""
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and not os.path.exists(name):
+        return f" (HF_HUB_OFFLINE is set: only local or cached {what} load)"
+    return ""
+
+
 class UsageError(Exception):
     """A problem with what the user gave cpt: printed as-is, exit status 2."""
 

@@ -16,7 +16,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from cpt_cli.config import Recipe, resolve_path
-from cpt_cli.errors import UsageError
+from cpt_cli.errors import UsageError, offline_note
 from cpt_cli.prepare import model_location
 
 
@@ -171,8 +171,8 @@ def load_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreTrained
             location, revision=m.revision, trust_remote_code=m.trust_remote_code,
             dtype=torch.float32, use_safetensors=True, **kwargs)
     except (OSError, ValueError, SafetensorError) as err:
-        raise UsageError(f"model.path: could not load a causal LM from {location!r}: {err}"
-                         ) from None
+        raise UsageError(f"model.path: could not load a causal LM from {location!r}"
+                         f"{offline_note(location)}: {err}") from None
     except ImportError as err:  # an attention backend whose package is missing
         raise UsageError(f"model.attn_implementation: {err}") from None
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:

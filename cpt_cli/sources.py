@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cpt_cli.config import SourceConfig
-from cpt_cli.errors import DataError
+from cpt_cli.errors import DataError, offline_note
 
 RECORD_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv", ".arrow"}
 # Files `datasets.Dataset.save_to_disk` writes next to its .arrow shards: metadata, not records.
@@ -247,10 +247,9 @@ def _hf_records(source: SourceConfig, base_dir: str | Path) -> Iterator[tuple[st
                                        revision=spec.revision, data_files=spec.data_files,
                                        streaming=spec.streaming)
     except Exception as err:  # noqa: BLE001 - datasets raises many kinds, all user-facing here
-        offline = " (HF_HUB_OFFLINE is set: only local or cached datasets load)" \
-            if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
         raise DataError(f"source {source.name!r}: could not load Hugging Face dataset "
-                        f"{spec.path!r}{offline}: {type(err).__name__}: {err}") from None
+                        f"{spec.path!r}{offline_note(path, 'datasets')}: {type(err).__name__}: "
+                        f"{err}") from None
     for i, record in enumerate(ds):
         if spec.max_documents is not None and i >= spec.max_documents:
             break

@@ -16,7 +16,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from cpt_cli.config import TokenizerTrainConfig
-from cpt_cli.errors import UsageError
+from cpt_cli.errors import UsageError, offline_note
 
 SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>",
                   "unk_token": "<|unk|>"}
@@ -32,7 +32,8 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None,
                                             trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 - a damaged tokenizer.json raises a bare Exception
         reason = " ".join(str(err).split()) or type(err).__name__
-        raise UsageError(f"{key}: could not load a tokenizer from {name_or_path!r}: {reason}. "
+        raise UsageError(f"{key}: could not load a tokenizer from {name_or_path!r}"
+                         f"{offline_note(name_or_path, 'tokenizers')}: {reason}. "
                          "Give a folder with tokenizer files (tokenizer.json) or a Hub id, or "
                          "set model.tokenizer.") from None
     check_tokenizer(tok, name_or_path, key)

@@ -294,6 +294,8 @@ RECIPE_CASES = [
          ("train.tokens", "train.steps", "exactly one")),
     Case("model-path-missing", _model_path("./no-such-model"),
          ("model.path", "'./no-such-model' does not exist", "looked for /")),
+    Case("model-hub-id-offline", _model_path("HuggingFaceTB/SmolLM2-360M"),
+         ("'HuggingFaceTB/SmolLM2-360M'", "HF_HUB_OFFLINE is set: only local or cached")),
     Case("model-path-missing-nested", _model_path("models/old/final"),
          ("model.path", "models/old/final", "does not exist")),
     Case("model-path-not-causal-lm", _not_causal,
