@@ -49,6 +49,16 @@ class Lineage:
                 for name, info in self.manifest["sources"].items()]
 
     @property
+    def earlier_definitions(self) -> list[LineageSource]:
+        """Sources of earlier stages that a later stage redefined under the same name (other
+        files, another text field): no longer read for replay, but trained on all the same."""
+        return [LineageSource(name=name, config=old["config"], base_dir=old["base_dir"],
+                              heldout_file=self.root / info["heldout"]["file"],
+                              stage=old["stage"])
+                for name, info in self.manifest["sources"].items()
+                for old in info.get("earlier", [])]
+
+    @property
     def stages(self) -> list[dict[str, Any]]:
         return self.manifest["stages"]
 

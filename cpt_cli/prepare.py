@@ -166,14 +166,13 @@ def _count_tokens(tokenizer: PreTrainedTokenizerBase, docs: list[dict[str, Any]]
 
 def _lineage_trained_hashes(lineage: Lineage, skip: set[str], tokenizer: PreTrainedTokenizerBase,
                             tok_fp: str, cache_dir: Path, warnings: list[str]) -> np.ndarray:
-    """Document hashes of lineage sources not trained in this stage (no inherit, or ratio 0):
-    a new held-out document that an earlier stage trained on must not be scored either. Reads
+    """Document hashes of lineage sources not trained in this stage (no inherit, or ratio 0), and
+    of definitions a later stage replaced under the same name: a new held-out document that an
+    earlier stage trained on must not be scored either. Reads
     the cache (usually filled by the earlier stage); a source that cannot be read any more is
     reported, not fatal, since this stage does not train on it."""
     found: list[np.ndarray] = []
-    for src in lineage.sources:
-        if src.name in skip:
-            continue
+    for src in [s for s in lineage.sources if s.name not in skip] + lineage.earlier_definitions:
         try:
             cfg = _lineage_source_config(src.config, src.name)
             entry = prepare_source(cfg, src.base_dir, tokenizer, tok_fp, cache_dir)

@@ -1372,9 +1372,19 @@ def _manifest(recipe: Recipe, data: PreparedData, step: int, accelerator: Any) -
         if not d.inherited:
             from cpt_cli.config import to_plain
 
-            sources[d.name] = {"config": to_plain(d.config), "base_dir": str(
-                Path(d.base_dir).resolve()), "heldout": d.heldout_summary(),
-                "stage": len(stages)}
+            entry = {"config": to_plain(d.config), "base_dir": str(Path(d.base_dir).resolve()),
+                     "heldout": d.heldout_summary(), "stage": len(stages)}
+            previous = sources.get(d.name)
+            if previous is not None:
+                # Redefined under the same name: the earlier definition was trained on, and
+                # later held-out sets must still be checked against it.
+                earlier = list(previous.get("earlier", []))
+                if (previous["config"], previous["base_dir"]) != (entry["config"],
+                                                                  entry["base_dir"]):
+                    earlier.append({k: previous[k] for k in ("config", "base_dir", "stage")})
+                if earlier:
+                    entry["earlier"] = earlier
+            sources[d.name] = entry
     stages.append({"name": recipe.name, "start_model": _start_name(recipe),
                    "steps": step, "tokens": consumed * recipe.data.seq_len,
                    "seq_len": recipe.data.seq_len, "replay_ratio": recipe.data.replay.ratio,

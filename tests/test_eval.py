@@ -405,3 +405,28 @@ def test_a_copied_final_folder_keeps_its_training_peak(two_stage: dict[str, Path
                                            "--bootstrap", "0"]).stdout)
     assert moved["summary"]["peak_forgetting_bpb"] == \
         pytest.approx(in_run["summary"]["peak_forgetting_bpb"])
+
+
+def test_a_source_redefined_under_its_name_is_still_known_as_trained(
+        two_stage: dict[str, Path], tmp_path: Path) -> None:
+    """Stage 1 trained `prose` on prose.jsonl; stage 2 re-lists `prose` on other files. Stage 3's
+    held-out set must still leave out what stage 1 trained on."""
+    other = _write_jsonl(tmp_path / "other.jsonl", CODE[:40])
+    stage2 = _recipe(tmp_path, "redefine", {
+        "model": {"path": str(two_stage["stage1"])},
+        "data": {"sources": [{"name": "code", "path": str(two_stage["code"])}],
+                 "replay": {"ratio": 0.25, "sources": [{"name": "prose", "path": other}]}},
+        "train": {"steps": 4}, "eval": {"every_steps": None}})
+    final = train(load_recipe(stage2), output_dir=str(tmp_path / "runs" / "redefine")).final_dir
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["sources"]["prose"]["earlier"][0]["stage"] == 0
+    stage3 = _recipe(tmp_path, "after", {
+        "model": {"path": str(final)},
+        "data": {"sources": [{"name": "again", "path": str(two_stage["prose"])}],
+                 "holdout": {"tokens": 1000}, "replay": {"ratio": 0.0, "inherit": False}}})
+    result = runner.invoke(app, ["mix", "inspect", str(stage3), "--json"])
+    assert result.exit_code == 0, result.output
+    (row,) = [s for s in json.loads(result.stdout)["sources"] if s["name"] == "again"]
+    # Held-out sets take the documents of smallest hash: stage 1's own (600 tokens, never
+    # trained), then, for 1,000 tokens, documents stage 1 trained on, which must be dropped.
+    assert row["dropped_duplicates"] > 0, row
