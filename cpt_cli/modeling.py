@@ -23,7 +23,8 @@ from cpt_cli.prepare import model_location
 def check_model_path(recipe: Recipe) -> list[str]:
     """Problems with the model that show before any weights load: a model.path or
     model.tokenizer that does not exist, a folder that is not a causal LM, a model.init config
-    transformers cannot build, and a data.seq_len above the model's context."""
+    transformers cannot build, a data.seq_len above the model's context, and a parent without
+    the optimizer state that train.optimizer.load_from_parent asks for."""
     m = recipe.model
     problems: list[str] = []
     if m.tokenizer is not None and _looks_local(m.tokenizer) and \
@@ -89,6 +90,11 @@ def check_model_path(recipe: Recipe) -> list[str]:
                 return problems + [f"model.path: {location} is a {kind}, not a causal "
                                    "language model; cpt trains *ForCausalLM models (give a "
                                    "decoder such as Llama, Qwen2 or GPT-2)"]
+    if recipe.train.optimizer.load_from_parent and location is not None and \
+            not (Path(location) / "optimizer.pt").is_file():
+        problems.append(f"train.optimizer.load_from_parent: {Path(location) / 'optimizer.pt'} "
+                        "not found; the parent must be a cpt run's final/ (which keeps its "
+                        "optimizer state)")
     context = _context_of(config) if config is not None else None
     if context is not None and recipe.data.seq_len > context:
         problems.append(f"data.seq_len: {recipe.data.seq_len} is above the model's context of "

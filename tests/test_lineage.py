@@ -129,6 +129,9 @@ def test_load_from_parent_needs_the_parent_optimizer(stages: dict[str, Any]) -> 
     with pytest.raises(UsageError, match="load_from_parent.*optimizer.pt not found"):
         train(recipe, output_dir=str(tmp / "runs" / "no-opt"))
     assert not (tmp / "runs" / "no-opt").exists()  # refused before anything was written
+    # `cpt mix inspect` finds it as well, before any compute is spent.
+    with pytest.raises(UsageError, match="load_from_parent.*optimizer.pt not found"):
+        inspect_mix(recipe)
 
 
 def test_freezing_keeps_weights_unchanged(stages: dict[str, Any]) -> None:
