@@ -9,6 +9,7 @@ GPUs, accelerate's `--cpu` path silently starts one process; `--multi_gpu` with
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -16,6 +17,10 @@ from pathlib import Path
 from typing import Any
 
 LAUNCHED_ENV = "CPT_LAUNCHED"
+# A folder cpt's parent process shares with the workers it launched: each worker writes its
+# process id there (the parent passes Ctrl-C and SIGTERM to them directly), and the main worker
+# its exit status, for the parent to return.
+CONTROL_ENV = "CPT_LAUNCH_CONTROL"
 
 
 def already_launched() -> bool:
@@ -62,17 +67,23 @@ def check_before_launch(recipe: Any, config_file: Path | None, num_processes: in
     from cpt_cli.errors import UsageError
     from cpt_cli.modeling import check_model_path
     from cpt_cli.prepare import plan_data, prepare_data
+    from cpt_cli.runlock import RunBusy, busy_message, check_free
     from cpt_cli.trainer import (
         check_compiler,
         check_overwrite_keeps_model,
+        check_resumable,
         deepspeed_problems,
         resume_point,
         run_dir_for,
     )
 
     run_dir = run_dir_for(recipe, output_dir)
-    resuming = resume_point(run_dir, resume, overwrite) is not None
-    check_overwrite_keeps_model(recipe, run_dir, overwrite and not resuming)
+    resume_from = resume_point(run_dir, resume, overwrite)
+    check_overwrite_keeps_model(recipe, run_dir, overwrite and resume_from is None)
+    try:
+        check_free(run_dir)
+    except RunBusy as busy:
+        raise UsageError(busy_message(run_dir, busy.holder)) from None
     check_compiler(recipe, torch.cuda.is_available(), os.environ)
     problems = check_model_path(recipe)
     if problems:
@@ -80,14 +91,20 @@ def check_before_launch(recipe: Any, config_file: Path | None, num_processes: in
     if config_file is not None:
         config = _read_config(config_file)
         if num_processes <= 1:  # accelerate launch takes the config's own count
-            num_processes = int(config.get("num_processes") or 1)
+            count = config.get("num_processes", 1)
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                raise UsageError(f"launch.accelerate_config: {config_file}: num_processes "
+                                 f"{count!r} must be a positive whole number")
+            num_processes = count
         stage = _deepspeed_stage(config_file, config)
         if stage is not _NOT_DEEPSPEED:
             problems = deepspeed_problems(stage, recipe)
             if problems:
                 raise UsageError(f"this recipe cannot train under {config_file}'s DeepSpeed:",
                                  problems)
-    plan_data(recipe, prepare_data(recipe), num_processes)
+    data = plan_data(recipe, prepare_data(recipe), num_processes)
+    if resume_from is not None:
+        check_resumable(resume_from, data, num_processes)
 
 
 _NOT_DEEPSPEED = object()
@@ -120,7 +137,7 @@ def _read_config(config_file: Path) -> dict[str, Any]:
 
     kind = config.get("distributed_type")
     known = [t.value for t in DistributedType]
-    if kind is not None and str(kind).upper() not in known:
+    if kind is not None and str(kind) not in known:
         raise UsageError(f"launch.accelerate_config: {config_file}: distributed_type {kind!r} is "
                          f"not one of {', '.join(known)}; write it with `accelerate config`")
     return config
@@ -140,23 +157,64 @@ def _deepspeed_stage(config_file: Path, config: dict[str, Any]) -> Any:
 
 
 def relaunch(num_processes: int, config_file: str | None, argv: list[str]) -> int:
-    """Run the command under `accelerate launch` and return its exit status. The launcher stops
-    with this process (and its workers with the launcher: see runlock). SIGTERM is passed on to
-    it; SIGINT is not, since Ctrl-C reaches the launcher from the terminal already (twice would
-    cut its workers' checkpoint short)."""
+    """Run the command under `accelerate launch` and return the main worker's exit status.
+
+    The launcher runs in a process group of its own, so Ctrl-C reaches only this process, which
+    passes it (and SIGTERM) to the workers directly: torch's launcher, signalled itself, would
+    print a traceback, exit 1, and kill workers still writing their checkpoint after 30 s. A
+    worker that stops on purpose (a signal, a mistake, a forgetting budget) exits 0 for the
+    launcher and leaves its status here (`finish_worker`). The launcher stops with this process
+    (and its workers with the launcher: see runlock)."""
     import signal
+    import tempfile
 
     from cpt_cli.runlock import stop_with_parent
 
-    env = dict(os.environ, **{LAUNCHED_ENV: "1"})
     parent = os.getpid()
-    proc = subprocess.Popen(accelerate_command(num_processes, config_file, argv), env=env,
-                            preexec_fn=lambda: stop_with_parent(signal.SIGTERM, parent))
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM,
-                                              lambda signum, _: proc.send_signal(signum)),
-                signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: None)}
-    try:
-        return proc.wait()
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    with tempfile.TemporaryDirectory(prefix="cpt-launch-") as control:
+        env = dict(os.environ, **{LAUNCHED_ENV: "1", CONTROL_ENV: control})
+        proc = subprocess.Popen(accelerate_command(num_processes, config_file, argv), env=env,
+                                process_group=0,
+                                preexec_fn=lambda: stop_with_parent(signal.SIGTERM, parent))
+
+        def forward(signum: int, _: Any) -> None:
+            workers = [int(p.read_text()) for p in Path(control).glob("worker-*.pid")
+                       if p.read_text().strip().isdigit()]
+            for pid in workers:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signum)
+            if not workers:  # still starting: the launcher passes it on
+                proc.send_signal(signum)
+
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            code = proc.wait()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        status = Path(control) / "status"
+        return int(status.read_text()) if status.is_file() and code == 0 else code
+
+
+def register_worker() -> None:
+    """Under cpt's launcher: write this worker's process id for the parent (see relaunch)."""
+    control = os.environ.get(CONTROL_ENV)
+    if control and "LOCAL_RANK" in os.environ:
+        with contextlib.suppress(OSError):
+            Path(control, f"worker-{os.environ.get('RANK', '0')}.pid").write_text(
+                str(os.getpid()))
+
+
+def finish_worker(code: int) -> int:
+    """The exit status for a worker that ends on purpose: under cpt's launcher the main worker
+    leaves `code` for the parent and every worker exits 0, so that torch's launcher reports no
+    failure (a traceback per process); elsewhere `code` itself."""
+    control = os.environ.get(CONTROL_ENV)
+    if not control or "LOCAL_RANK" not in os.environ:
+        return code
+    if os.environ.get("RANK", "0") in ("", "0"):
+        try:
+            Path(control, "status").write_text(str(code))
+        except OSError:
+            return code
+    return 0

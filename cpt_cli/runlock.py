@@ -57,6 +57,30 @@ def lock_run_dir(run_dir: Path) -> int | None:
     return fd
 
 
+def busy_message(run_dir: Path, holder: str) -> str:
+    return (f"{run_dir} is being trained by another cpt train (process {holder}); wait for it "
+            "to end or stop it, then run again (--resume auto continues it)")
+
+
+def check_free(run_dir: Path) -> None:
+    """Raise RunBusy if a training holds the run directory's lock; create nothing."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    path = run_dir / LOCK_NAME
+    if not path.is_file():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RunBusy(os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                      ) from None
+    finally:
+        os.close(fd)
+
+
 def stop_with_parent(signum: int, parent_pid: int | None = None) -> None:
     """Have Linux send this process `signum` when its parent exits (Linux only). With
     `parent_pid` (the parent as it was at fork), a parent already gone sends it at once."""

@@ -50,7 +50,7 @@ from cpt_cli.lineage import (
 from cpt_cli.loader import PackedLoader
 from cpt_cli.modeling import check_model_path, load_model, max_context
 from cpt_cli.prepare import PreparedData, batch_geometry, model_location, plan_data, prepare_data
-from cpt_cli.runlock import LAUNCHER_GONE, LOCK_NAME, RunBusy, lock_run_dir
+from cpt_cli.runlock import LAUNCHER_GONE, LOCK_NAME, RunBusy, busy_message, lock_run_dir
 from cpt_cli.schedule import decay_start, lr_multiplier
 
 CHECKPOINTS = "checkpoints"
@@ -140,7 +140,9 @@ class _Signals:
             # code holds (a print could).
             os.write(2, f"cpt: second signal ({name}): exiting now; complete checkpoints are "
                         "intact, resume with --resume auto\n".encode())
-            os._exit(128 + signum)
+            from cpt_cli.launch import finish_worker
+
+            os._exit(finish_worker(128 + signum))
         self.received, self.exit_code = name, 128 + signum
         if not self.deferred:
             # A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way
@@ -900,9 +902,7 @@ def _lock_together(accelerator: Any, run_dir: Path, cleanup: contextlib.ExitStac
                 problem = (f"{run_dir} changed while this run prepared (another cpt train wrote "
                            "it); run the same command again")
         except RunBusy as busy:
-            problem = (f"{run_dir} is being trained by another cpt train (process {busy.holder}); "
-                       "wait for it to end or stop it, then run again (--resume auto continues "
-                       "it)")
+            problem = busy_message(run_dir, busy.holder)
         except UsageError as err:
             problem = f"{run_dir} changed while this run prepared: {err}"
         except OSError as err:

@@ -209,6 +209,38 @@ def test_a_second_train_of_a_run_in_progress_is_refused(straight: dict[str, Any]
     assert "Traceback" not in second.stdout + second.stderr
 
 
+def test_ctrl_c_stops_a_two_process_run_with_a_checkpoint_and_no_traceback(
+        straight: dict[str, Any], tmp_path: Path) -> None:
+    """Ctrl-C reaches cpt's own process (the launcher runs in a process group of its own), which
+    passes it to the workers: they checkpoint, and cpt exits 130 with the one message, as with
+    one process; a second `cpt train` of the run meanwhile is refused by the parent."""
+    recipe, run_dir = straight["recipe"], tmp_path / "run"
+    log = tmp_path / "launched.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    argv = [sys.executable, "-m", "cpt_cli", "train", str(recipe), "train.steps=1000",
+            "data.max_epochs=1000", "--output-dir", str(run_dir), "--resume", "auto",
+            "--num-processes", "2"]
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    try:
+        assert _wait_for(log, r"^step 3\b", proc, timeout=180), log.read_text()
+        second = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert "is being trained by another cpt train" in second.stderr
+        assert "Traceback" not in second.stdout + second.stderr
+        proc.send_signal(signal.SIGINT)  # what the terminal sends to cpt's process group
+        assert proc.wait(timeout=120) == 130, log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text(errors="replace")
+    assert "Traceback" not in text, text
+    stopped = re.search(r"received SIGINT at step (\d+) of 1000: checkpoint saved", text)
+    assert stopped, text
+    assert _newest_step(run_dir) == int(stopped.group(1))
+
+
 def test_killing_the_launcher_stops_its_workers_with_a_checkpoint(straight: dict[str, Any],
                                                                   tmp_path: Path) -> None:
     """`accelerate launch` starts each worker in a session of its own. SIGKILL to the launching
@@ -236,7 +268,9 @@ def test_killing_the_launcher_stops_its_workers_with_a_checkpoint(straight: dict
             assert time.monotonic() < deadline, f"workers still running:\n{log.read_text()}"
             time.sleep(0.2)
     text = log.read_text(errors="replace")
-    stopped = re.search(r"received SIGUSR1 at step (\d+) of 50: checkpoint saved", text)
+    # The launcher gets SIGTERM when cpt dies and passes it on; a worker whose launcher died
+    # first gets SIGUSR1. Either way: finish the step, checkpoint, exit.
+    stopped = re.search(r"received SIG(?:TERM|USR1) at step (\d+) of 50: checkpoint saved", text)
     assert stopped, text
     assert _newest_step(run_dir) == int(stopped.group(1))
     assert not (run_dir / "final").exists()

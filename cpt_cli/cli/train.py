@@ -42,7 +42,13 @@ def train(
     from cpt_cli import render
     from cpt_cli.config import load_recipe, resolve_path
     from cpt_cli.errors import TrainingStopped, UsageError
-    from cpt_cli.launch import already_launched, check_before_launch, relaunch
+    from cpt_cli.launch import (
+        already_launched,
+        check_before_launch,
+        finish_worker,
+        register_worker,
+        relaunch,
+    )
     from cpt_cli.trainer import train as train_stage
 
     def body() -> int:
@@ -73,7 +79,13 @@ def train(
             console.print(f"model saved to {result.final_dir}", highlight=False)
         return 0
 
-    if not _main_process():
+    register_worker()
+    if _main_process():
+        try:
+            code = run_guarded(body) or 0
+        except typer.Exit as done:
+            code = done.exit_code
+    else:
         # The other processes of a multi-process run exit with the same status, silently: the
         # main process prints the one message.
         try:
@@ -82,10 +94,7 @@ def train(
             code = 2
         except TrainingStopped as stop:
             code = stop.exit_code
-        if code:
-            raise typer.Exit(code)
-        return
-    code = run_guarded(body)
+    code = finish_worker(code)
     if code:
         raise typer.Exit(code)
 
