@@ -96,6 +96,13 @@ def check_before_launch(recipe: Any, config_file: Path | None, num_processes: in
                 raise UsageError(f"launch.accelerate_config: {config_file}: num_processes "
                                  f"{count!r} must be a positive whole number")
             num_processes = count
+        if config.get("distributed_type") == "MULTI_CPU" and num_processes > 1 and \
+                int(config.get("num_machines") or 1) == 1:
+            # accelerate's CPU path starts one process on one machine, silently.
+            raise UsageError(f"launch.accelerate_config: {config_file}: distributed_type "
+                             f"MULTI_CPU on one machine starts a single process, not "
+                             f"{num_processes}; set distributed_type: MULTI_GPU (cpt runs it "
+                             "over gloo on a CPU), or drop the config and use --num-processes")
         stage = _deepspeed_stage(config_file, config)
         if stage is not _NOT_DEEPSPEED:
             problems = deepspeed_problems(stage, recipe)

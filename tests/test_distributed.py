@@ -55,6 +55,8 @@ def test_launch_refuses_what_every_process_would_refuse(tmp_path: Path) -> None:
                           "distributed_type 'NONSENSE' is not one of"),
         "count.yaml": ({"distributed_type": "MULTI_GPU", "num_processes": "two"},
                        "num_processes 'two' must be a positive whole number"),
+        "multi-cpu.yaml": ({"distributed_type": "MULTI_CPU", "num_processes": 2},
+                           "MULTI_CPU on one machine starts a single process, not 2"),
     }
     (tmp_path / "ds.json").write_text(json_module.dumps({"zero_optimization": {"stage": 0}}))
     for name, (content, expect) in cases.items():
