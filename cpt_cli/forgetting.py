@@ -8,7 +8,6 @@ written when training began) or computed once from `--base` and cached.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -26,7 +25,7 @@ from cpt_cli.evaluation import DomainText, forgetting_table, load_scores, save_s
 from cpt_cli.hostmemory import keep_freed_memory
 from cpt_cli.lineage import HELDOUT_DIR, MANIFEST, read_events, read_heldout, read_manifest
 from cpt_cli.scoring import DocumentScores
-from cpt_cli.sources import PlainFile, file_records, is_saved_dataset_meta
+from cpt_cli.sources import PlainFile, file_records, match_files
 from cpt_cli.trainer import CHECKPOINTS, complete_checkpoints
 
 
@@ -54,9 +53,7 @@ def read_text_file(name: str, file: str) -> list[str]:
     included; FILE may be a glob or a folder."""
     option = f"--data {name}={file}"
     expanded = os.path.expanduser(file)
-    pattern = os.path.join(expanded, "**", "*") if os.path.isdir(expanded) else expanded
-    paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True)
-                   if os.path.isfile(p) and not is_saved_dataset_meta(Path(p)))
+    paths = match_files(expanded)
     if not paths:
         raise UsageError(f"{option}: " + ("the folder holds no file" if os.path.isdir(expanded)
                                           else "no such file"))

@@ -152,7 +152,7 @@ def _read_config(config_file: Path) -> dict[str, Any]:
 
 def _deepspeed_stage(config_file: Path, config: dict[str, Any]) -> Any:
     """The ZeRO stage an accelerate config asks for, or _NOT_DEEPSPEED."""
-    if str(config.get("distributed_type", "")).upper() != "DEEPSPEED":
+    if config.get("distributed_type") != "DEEPSPEED":  # checked exactly by _read_config
         return _NOT_DEEPSPEED
     deepspeed = config.get("deepspeed_config") or {}
     if deepspeed.get("deepspeed_config_file"):  # a DeepSpeed JSON, beside the accelerate file
@@ -185,8 +185,8 @@ def relaunch(num_processes: int, config_file: str | None, argv: list[str]) -> in
                                 preexec_fn=lambda: stop_with_parent(signal.SIGTERM, parent))
 
         def forward(signum: int, _: Any) -> None:
-            workers = [int(p.read_text()) for p in Path(control).glob("worker-*.pid")
-                       if p.read_text().strip().isdigit()]
+            pids = (p.read_text().strip() for p in Path(control).glob("worker-*.pid"))
+            workers = [int(pid) for pid in pids if pid.isdigit()]
             for pid in workers:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signum)

@@ -168,9 +168,9 @@ def _lineage_trained_hashes(lineage: Lineage, skip: set[str], tokenizer: PreTrai
                             tok_fp: str, cache_dir: Path, warnings: list[str]) -> np.ndarray:
     """Document hashes of lineage sources not trained in this stage (no inherit, or ratio 0), and
     of definitions a later stage replaced under the same name: a new held-out document that an
-    earlier stage trained on must not be scored either. Reads
-    the cache (usually filled by the earlier stage); a source that cannot be read any more is
-    reported, not fatal, since this stage does not train on it."""
+    earlier stage trained on must not be scored either. Reads the cache (usually filled by the
+    earlier stage); a source that cannot be read any more is reported, not fatal, since this
+    stage does not train on it."""
     found: list[np.ndarray] = []
     for src in [s for s in lineage.sources if s.name not in skip] + lineage.earlier_definitions:
         try:
@@ -280,13 +280,12 @@ def prepare_data(recipe: Recipe, *, progress: Progress | None = None,
             texts = [h["text"] for h in read_heldout(src.heldout_file)
                      if not np.isin(np.uint64(h["hash"]), trained)]
             eval_domains.append(DomainText(src.name, "retained", texts))
-    for domain in [d for d in eval_domains if not d.texts]:
-        # Every held-out document is trained on in this stage: scoring it would measure
-        # memorization, and an empty set has no figure at all.
-        eval_domains.remove(domain)
-        warnings.append(f"domain {domain.name!r}: every held-out document is also in this "
-                        "stage's training data, so it is not scored (no forgetting figure). "
-                        "Remove those documents from the new sources to keep measuring it.")
+    # A domain whose every held-out document is trained on in this stage: scoring it would
+    # measure memorization, and an empty set has no figure at all.
+    warnings += [f"domain {d.name!r}: every held-out document is also in this stage's training "
+                 "data, so it is not scored (no forgetting figure). Remove those documents from "
+                 "the new sources to keep measuring it." for d in eval_domains if not d.texts]
+    eval_domains = [d for d in eval_domains if d.texts]
     return PreparedData(tokenizer=tokenizer, tokenizer_fp=tok_fp, domains=domains,
                         eval_domains=eval_domains, lineage=lineage, cache_dir=cache_dir,
                         warnings=warnings)

@@ -17,6 +17,7 @@ worker, which the trainer handles as a preemption: finish the step, write a chec
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import signal
 import sys
@@ -27,6 +28,7 @@ LOCK_NAME = ".lock"
 # SIGTERM means "exit now"); the trainer ignores a repeated one.
 LAUNCHER_GONE = signal.SIGUSR1
 _PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
+_HAS_FLOCK = importlib.util.find_spec("fcntl") is not None  # POSIX; elsewhere no lock
 
 
 class RunBusy(Exception):
@@ -37,21 +39,26 @@ class RunBusy(Exception):
         self.holder = holder
 
 
-def lock_run_dir(run_dir: Path) -> int | None:
-    """Take the run directory's lock (creating the folder), or raise RunBusy naming the holder.
-    Returns the descriptor to close when training ends (None where flock does not exist)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        return None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+def _lock(fd: int) -> None:
+    """An exclusive flock on `fd`, or close it and raise RunBusy with the pid the file holds."""
+    import fcntl
+
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
         raise RunBusy(holder) from None
+
+
+def lock_run_dir(run_dir: Path) -> int | None:
+    """Take the run directory's lock (creating the folder), or raise RunBusy naming the holder.
+    Returns the descriptor to close when training ends (None where flock does not exist)."""
+    if not _HAS_FLOCK:
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    _lock(fd)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
@@ -64,20 +71,10 @@ def busy_message(run_dir: Path, holder: str) -> str:
 
 def check_free(run_dir: Path) -> None:
     """Raise RunBusy if a training holds the run directory's lock; create nothing."""
-    try:
-        import fcntl
-    except ImportError:
-        return
     path = run_dir / LOCK_NAME
-    if not path.is_file():
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise RunBusy(os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-                      ) from None
-    finally:
+    if _HAS_FLOCK and path.is_file():
+        fd = os.open(path, os.O_RDONLY)
+        _lock(fd)
         os.close(fd)
 
 

@@ -50,18 +50,22 @@ def expand_paths(source: SourceConfig, base_dir: str | Path) -> list[Path]:
     for pattern in patterns:
         expanded = os.path.expanduser(pattern)
         full = expanded if os.path.isabs(expanded) else os.path.join(str(base_dir), expanded)
-        if os.path.isdir(full):
-            matches = sorted(p for p in glob.glob(os.path.join(full, "**", "*"), recursive=True)
-                             if os.path.isfile(p))
-        else:
-            matches = sorted(p for p in glob.glob(full, recursive=True) if os.path.isfile(p))
-        matches = [m for m in matches if not is_saved_dataset_meta(Path(m))]
+        matches = match_files(full)
         if not matches:
             raise DataError(f"source {source.name!r}: path {pattern!r} matches no file "
                             f"(looked for {full}). Check the glob; relative paths start at the "
                             "recipe's folder.")
-        files.extend(Path(m) for m in matches)
+        files.extend(matches)
     return sorted(set(files))
+
+
+def match_files(pattern: str) -> list[Path]:
+    """The files a path names, sorted: a folder's files (recursively), or a glob's matches;
+    without the metadata of a `save_to_disk` folder."""
+    if os.path.isdir(pattern):
+        pattern = os.path.join(pattern, "**", "*")
+    return sorted(Path(p) for p in glob.glob(pattern, recursive=True)
+                  if os.path.isfile(p) and not is_saved_dataset_meta(Path(p)))
 
 
 def is_saved_dataset_meta(path: Path) -> bool:

@@ -36,6 +36,7 @@ from cpt_cli.config import Recipe, ScheduleConfig, save_recipe
 from cpt_cli.errors import TrainingStopped, UsageError
 from cpt_cli.evaluation import forgetting_table, load_scores, save_scores, score_domains
 from cpt_cli.hostmemory import keep_freed_memory
+from cpt_cli.launch import finish_worker
 from cpt_cli.lineage import (
     FORMAT,
     HELDOUT_DIR,
@@ -140,8 +141,6 @@ class _Signals:
             # code holds (a print could).
             os.write(2, f"cpt: second signal ({name}): exiting now; complete checkpoints are "
                         "intact, resume with --resume auto\n".encode())
-            from cpt_cli.launch import finish_worker
-
             os._exit(finish_worker(128 + signum))
         self.received, self.exit_code = name, 128 + signum
         if not self.deferred:
