@@ -36,11 +36,12 @@ CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json", "optim
                     "scheduler.pt", "rng-0.pt", "trainer_state.json", "manifest.json")
 
 
-def _launch(recipe: Path, run_dir: Path, log: Path) -> subprocess.Popen[bytes]:
+def _launch(recipe: Path, run_dir: Path, log: Path,
+            *overrides: str) -> subprocess.Popen[bytes]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     with open(log, "wb") as fh:
         return subprocess.Popen([sys.executable, "-m", "cpt_cli", "train", str(recipe),
-                                 "--output-dir", str(run_dir), "--resume", "auto"],
+                                 *overrides, "--output-dir", str(run_dir), "--resume", "auto"],
                                 stdout=fh, stderr=subprocess.STDOUT, env=env)
 
 
@@ -193,10 +194,12 @@ def test_a_second_train_of_a_run_in_progress_is_refused(straight: dict[str, Any]
     exits 2 naming the process that holds it, and writes nothing."""
     recipe, run_dir = straight["recipe"], tmp_path / "run"
     log = tmp_path / "first.log"
-    proc = _launch(recipe, run_dir, log)
+    # Long enough that the first run is still training however fast the machine: it is killed.
+    longer = ("train.steps=100000", "data.max_epochs=100000")
+    proc = _launch(recipe, run_dir, log, *longer)
     try:
         assert _wait_for(log, r"^step 2\b", proc, timeout=120), log.read_text()
-        second = subprocess.run([sys.executable, "-m", "cpt_cli", "train", str(recipe),
+        second = subprocess.run([sys.executable, "-m", "cpt_cli", "train", str(recipe), *longer,
                                  "--output-dir", str(run_dir), "--resume", "auto"],
                                 capture_output=True, text=True,
                                 env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
