@@ -583,10 +583,7 @@ def _train(recipe: Recipe, signals: _Signals, cleanup: contextlib.ExitStack, *,
     if stopped is not None:
         # No final evaluation: a preempted job has seconds left, and a run stopped for
         # forgetting was evaluated at this very step.
-        metrics.close()
-        if accelerator.trackers:
-            accelerator.end_training()
-        accelerator.wait_for_everyone()
+        _end(accelerator, metrics)
         raise stopped
 
     final_dir = _save_final(run_dir, state, accelerator, model, optimizer, data, recipe)
@@ -605,11 +602,16 @@ def _train(recipe: Recipe, signals: _Signals, cleanup: contextlib.ExitStack, *,
             write_json(final_dir / "eval" / "report.json", report)
 
     _write_together(accelerator, "the final report", final_dir / "eval", write_report)
-    metrics.close()
-    if accelerator.trackers:
-        accelerator.end_training()
-    accelerator.wait_for_everyone()
+    _end(accelerator, metrics)
     return TrainResult(run_dir=run_dir, final_dir=final_dir, report=report, steps=state.step)
+
+
+def _end(accelerator: Any, metrics: Any) -> None:
+    """Close the metrics file, wait for every process, finish the trackers and destroy the
+    process group (accelerate's documented end of a run; see also launch.end_worker)."""
+    metrics.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 def _accelerator_device(cuda: bool, env: Mapping[str, str]) -> dict[str, Any]:

@@ -19,7 +19,12 @@ from test_trainer import read_metrics, recipe_file, weights, write_sources
 
 from cpt_cli.config import load_recipe
 from cpt_cli.errors import UsageError
-from cpt_cli.launch import accelerate_command
+from cpt_cli.launch import (
+    accelerate_command,
+    finish_worker,
+    launch_result,
+    register_worker,
+)
 from cpt_cli.trainer import train
 
 
@@ -33,6 +38,47 @@ def test_accelerate_command_for_cpu_processes() -> None:
     assert cmd[-6:] == ["-m", "cpt_cli", "train", "r.yaml", "--num-processes", "2"]
     with_config = accelerate_command(4, "fsdp.yaml", ["train", "r.yaml"])
     assert with_config[with_config.index("--config_file") + 1] == "fsdp.yaml"
+
+
+def test_launched_run_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    """The parent returns the main worker's status; a worker failing after every worker has
+    finished (gloo's threads aborting at interpreter exit) does not turn a finished run into a
+    failed one, but a worker that never finished does."""
+    monkeypatch.setenv("CPT_LAUNCH_CONTROL", str(tmp_path))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+
+    def worker(rank: int, code: int | None) -> None:
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setattr(os, "getpid", lambda: 1000 + rank)
+        register_worker()
+        if code is not None:
+            assert finish_worker(code) == 0  # torch's launcher sees success
+
+    worker(0, 130)
+    worker(1, None)  # started, never finished
+    assert launch_result(tmp_path, 0) == 130
+    assert launch_result(tmp_path, 1) == 1
+    assert capsys.readouterr().err == ""
+    worker(1, 0)
+    assert launch_result(tmp_path, -6) == 130
+    assert "failed while exiting" in capsys.readouterr().err
+    (tmp_path / "status").unlink()  # the main worker died before its status
+    assert launch_result(tmp_path, 1) == 1
+    assert launch_result(tmp_path, 0) == 0
+
+
+def test_a_worker_ends_with_its_status_and_its_output(tmp_path: Path) -> None:
+    """A process of a multi-process run leaves without the interpreter's teardown, its output
+    flushed and its status kept; one process alone exits as usual (atexit handlers run)."""
+    program = ("import atexit, sys; from cpt_cli.launch import end_worker; "
+               "atexit.register(lambda: print('teardown')); print('done', end=''); "
+               "sys.stderr.write('note'); end_worker(7); print(' returned')")
+    for world, code, out in [("2", 7, "done"), ("1", 0, "done returned\nteardown\n"),
+                             ("", 0, "done returned\nteardown\n")]:
+        proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                              env=dict(os.environ, WORLD_SIZE=world), timeout=120)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (code, out, "note"), world
 
 
 def test_launch_refuses_what_every_process_would_refuse(tmp_path: Path) -> None:

@@ -45,6 +45,7 @@ def train(
     from cpt_cli.launch import (
         already_launched,
         check_before_launch,
+        end_worker,
         finish_worker,
         register_worker,
         relaunch,
@@ -95,6 +96,7 @@ def train(
         except TrainingStopped as stop:
             code = stop.exit_code
     code = finish_worker(code)
+    end_worker(code)
     if code:
         raise typer.Exit(code)
 
