@@ -261,10 +261,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
         parser.error("--steps, --rounds and --warmup must be at least 1")
-    work = args.work or Path(tempfile.mkdtemp(prefix="cpt-bench-"))
     if args.contender:  # a child of lockstep()
-        run_one(args.contender, work, args.steps + args.warmup, Baton(args.ctl_fd, args.rep_fd))
+        run_one(args.contender, args.work, args.steps + args.warmup,
+                Baton(args.ctl_fd, args.rep_fd))
         return {}
+    if args.work:
+        return measure(args, args.work)
+    with tempfile.TemporaryDirectory(prefix="cpt-bench-") as tmp:  # 80 MB: not left behind
+        return measure(args, Path(tmp))
+
+
+def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Every contender in lock-step, `args.rounds` times, in `work`; the report (printed)."""
     # The corpus and token cache once, before any timing, so every child starts from the same.
     from cpt_cli.prepare import prepare_data
     corpus = build_quickstart_corpus(work / "corpus", max_documents=3000)

@@ -313,6 +313,16 @@ def _train(recipe: Recipe, signals: _Signals, cleanup: contextlib.ExitStack, *,
     check_world(accelerator.num_processes, os.environ)
     P, rank, main = accelerator.num_processes, accelerator.process_index, \
         accelerator.is_main_process
+    # A run directory resumed in place is held from here on: its checkpoint is read below, and a
+    # training still running there would rotate it away meanwhile. A new one is held only once
+    # everything is checked, so that a bad recipe leaves no trace.
+    def hold_run_dir() -> None:
+        _lock_together(accelerator, run_dir, cleanup,
+                       unchanged=lambda: resume_point(run_dir, resume, overwrite) == resume_from)
+
+    held_early = resume_from is not None and run_dir.is_dir()
+    if held_early:
+        hold_run_dir()
     display = TrainDisplay(console=console, enabled=main)
     if recipe.train.precision in ("bf16", "fp16") and not cuda:
         display.status(f"train.precision {recipe.train.precision} needs a GPU: training in fp32 "
@@ -354,8 +364,8 @@ def _train(recipe: Recipe, signals: _Signals, cleanup: contextlib.ExitStack, *,
         check_checkpoint_weights(resume_from, model)  # before the run directory changes
 
     # Nothing is written before here: a bad recipe or bad data leaves no trace.
-    _lock_together(accelerator, run_dir, cleanup,
-                   unchanged=lambda: resume_point(run_dir, resume, overwrite) == resume_from)
+    if not held_early:
+        hold_run_dir()
 
     def set_up_run_dir() -> None:
         if main:

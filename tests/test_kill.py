@@ -191,7 +191,9 @@ def test_sigint_then_double_sigterm_then_resume(straight: dict[str, Any], tmp_pa
 def test_a_second_train_of_a_run_in_progress_is_refused(straight: dict[str, Any],
                                                         tmp_path: Path) -> None:
     """Two trainings never write one run directory: a resume started while the run still trains
-    exits 2 naming the process that holds it, and writes nothing."""
+    exits 2 naming the process that holds it, and writes nothing. The first run rotates a
+    checkpoint every step (keep 2), so the second must hold the directory before it reads the
+    checkpoint it resumes from (it once read one half deleted)."""
     recipe, run_dir = straight["recipe"], tmp_path / "run"
     log = tmp_path / "first.log"
     # Long enough that the first run is still training however fast the machine: it is killed.
