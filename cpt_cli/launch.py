@@ -221,13 +221,17 @@ def launch_result(control: Path, launcher_code: int) -> int:
     return int(status.read_text())
 
 
+def worker_rank() -> str:
+    """This process's rank in a launched run, from the launcher's environment ("0" alone)."""
+    return os.environ.get("RANK") or "0"
+
+
 def register_worker() -> None:
     """Under cpt's launcher: write this worker's process id for the parent (see relaunch)."""
     control = os.environ.get(CONTROL_ENV)
     if control and "LOCAL_RANK" in os.environ:
         with contextlib.suppress(OSError):
-            Path(control, f"worker-{os.environ.get('RANK', '0')}.pid").write_text(
-                str(os.getpid()))
+            Path(control, f"worker-{worker_rank()}.pid").write_text(str(os.getpid()))
 
 
 def finish_worker(code: int) -> int:
@@ -237,7 +241,7 @@ def finish_worker(code: int) -> int:
     control = os.environ.get(CONTROL_ENV)
     if not control or "LOCAL_RANK" not in os.environ:
         return code
-    rank = os.environ.get("RANK") or "0"
+    rank = worker_rank()
     if rank == "0":
         try:
             Path(control, "status").write_text(str(code))

@@ -36,7 +36,7 @@ from cpt_cli.config import Recipe, ScheduleConfig, save_recipe
 from cpt_cli.errors import TrainingStopped, UsageError
 from cpt_cli.evaluation import forgetting_table, load_scores, save_scores, score_domains
 from cpt_cli.hostmemory import keep_freed_memory
-from cpt_cli.launch import finish_worker
+from cpt_cli.launch import finish_worker, worker_rank
 from cpt_cli.lineage import (
     FORMAT,
     HELDOUT_DIR,
@@ -771,7 +771,7 @@ def _trackers(recipe: Recipe) -> list[str]:
         module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(name, name)
         if importlib.util.find_spec(module) is not None:
             available.append(name)
-        elif os.environ.get("RANK", "0") in ("", "0"):  # said once, not by every process
+        elif worker_rank() == "0":  # said once, not by every process
             print(f"cpt: tracker {name!r} is not installed; logging to metrics.jsonl only",
                   file=sys.stderr)
     return available

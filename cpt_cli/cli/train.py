@@ -8,7 +8,6 @@ command with `--resume auto` to continue.
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 from typing import Annotated
@@ -102,7 +101,9 @@ def train(
 
 
 def _main_process() -> bool:
-    return os.environ.get("RANK", "0") in ("", "0")
+    from cpt_cli.launch import worker_rank
+
+    return worker_rank() == "0"
 
 
 def resume_command(argv: list[str]) -> str:
