@@ -51,7 +51,7 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from cpt_cli.config import Recipe, recipe_from_config  # noqa: E402
-from cpt_cli.corpus import build_quickstart_corpus  # noqa: E402
+from cpt_cli.data.corpus import build_quickstart_corpus  # noqa: E402
 
 # The quickstart's own shape and settings, read from its recipe, so the benchmark follows it.
 QUICKSTART = OmegaConf.to_container(OmegaConf.load(
@@ -103,7 +103,7 @@ class Baton:
 
 
 def time_cpt(recipe: Recipe, run_dir: Path, baton: Baton) -> None:
-    from cpt_cli.trainer import train
+    from cpt_cli.training.loop import train
 
     def on_event(event: dict[str, Any]) -> None:
         if event["event"] == "train":
@@ -114,8 +114,8 @@ def time_cpt(recipe: Recipe, run_dir: Path, baton: Baton) -> None:
 
 def packed_sequences(recipe: Recipe) -> tuple[Any, list[dict[str, torch.Tensor]]]:
     """The tokenizer and every micro batch row cpt trains on, in cpt's order."""
-    from cpt_cli.loader import PackedLoader
-    from cpt_cli.prepare import plan_data, prepare_data
+    from cpt_cli.data.loader import PackedLoader
+    from cpt_cli.data.prepare import plan_data, prepare_data
 
     data = plan_data(recipe, prepare_data(recipe), 1)
     loader = PackedLoader(data.plan, data.streams, micro_batch_size=MICRO,
@@ -139,7 +139,7 @@ def time_hf_trainer(recipe: Recipe, work: Path, baton: Baton,
     )
 
     tokenizer, rows = packed_sequences(recipe)
-    # Built as cpt_cli.modeling.load_model builds a model from model.init: identical weights.
+    # Built as cpt_cli.model.load_model builds a model from model.init: identical weights.
     config = dict(MODEL)
     model_type = config.pop("model_type")
     config = AutoConfig.for_model(model_type, **config, vocab_size=len(tokenizer),
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Every contender in lock-step, `args.rounds` times, in `work`; the report (printed)."""
     # The corpus and token cache once, before any timing, so every child starts from the same.
-    from cpt_cli.prepare import prepare_data
+    from cpt_cli.data.prepare import prepare_data
     corpus = build_quickstart_corpus(work / "corpus", max_documents=3000)
     prepare_data(make_recipe(work, corpus, 1, False))
     names = list(CONTENDERS)

@@ -22,9 +22,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from cpt_cli.config import TokenizerTrainConfig  # noqa: E402
-from cpt_cli.corpus import build_quickstart_corpus  # noqa: E402
-from cpt_cli.scoring import score_documents  # noqa: E402
-from cpt_cli.tokenization import train_tokenizer  # noqa: E402
+from cpt_cli.data.corpus import build_quickstart_corpus  # noqa: E402
+from cpt_cli.data.tokenization import train_tokenizer  # noqa: E402
+from cpt_cli.evaluation.scoring import score_documents  # noqa: E402
 
 TOKENS = 100_000
 

@@ -54,7 +54,7 @@ def recipe(data: Path, tokenizer: Path, cache: Path, packing: str, seq_len: int,
 
 def tokenizer_folder(data: Path, cache: Path, work: Path) -> Path:
     from cpt_cli.config import TokenizerTrainConfig
-    from cpt_cli.tokenization import train_tokenizer
+    from cpt_cli.data.tokenization import train_tokenizer
 
     texts = (json.loads(line)["text"] for name in ("code", "prose")
              for line in (data / f"{name}.jsonl").read_text().splitlines())
@@ -66,8 +66,8 @@ def tokenizer_folder(data: Path, cache: Path, work: Path) -> Path:
 
 
 def measure(r: Any, seconds: float) -> dict[str, Any]:
-    from cpt_cli.loader import PackedLoader
-    from cpt_cli.prepare import batch_geometry, plan_data, prepare_data
+    from cpt_cli.data.loader import PackedLoader
+    from cpt_cli.data.prepare import batch_geometry, plan_data, prepare_data
 
     data = prepare_data(r)  # cached after the first packing mode
     start = time.perf_counter()
@@ -116,9 +116,9 @@ def main() -> int:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     import torch
 
-    from cpt_cli.cache import default_cache_dir
     from cpt_cli.config import parse_size
-    from cpt_cli.corpus import build_quickstart_corpus
+    from cpt_cli.data.cache import default_cache_dir
+    from cpt_cli.data.corpus import build_quickstart_corpus
 
     torch.set_num_threads(1)
     data = Path(args.data)

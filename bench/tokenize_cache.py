@@ -38,7 +38,7 @@ BLOCK = 1024  # run_clm's block_size
 
 
 def corpus(folder: Path) -> dict[str, Path]:
-    from cpt_cli.corpus import build_quickstart_corpus
+    from cpt_cli.data.corpus import build_quickstart_corpus
 
     paths = build_quickstart_corpus(folder)
     return {d: paths[d] for d in DOMAINS}
@@ -53,7 +53,7 @@ def tokenizer_for(docs: list[str], cache: Path) -> Any:
     import hashlib
 
     from cpt_cli.config import TokenizerTrainConfig
-    from cpt_cli.tokenization import train_tokenizer
+    from cpt_cli.data.tokenization import train_tokenizer
 
     fp = hashlib.sha256("".join(docs[:50]).encode()).hexdigest()
     tok = train_tokenizer(docs, TokenizerTrainConfig(vocab_size=VOCAB, max_chars=10**9), cache,
@@ -63,9 +63,9 @@ def tokenizer_for(docs: list[str], cache: Path) -> Any:
 
 
 def time_cpt(paths: dict[str, Path], tok: Any, work: Path) -> tuple[float, int]:
-    from cpt_cli.cache import prepare_source
     from cpt_cli.config import SourceConfig
-    from cpt_cli.tokenization import tokenizer_fingerprint
+    from cpt_cli.data.cache import prepare_source
+    from cpt_cli.data.tokenization import tokenizer_fingerprint
 
     fp = tokenizer_fingerprint(tok)
     cache = Path(tempfile.mkdtemp(dir=work, prefix="cpt-cache-"))  # fresh: nothing to reuse
@@ -120,9 +120,9 @@ def time_run_clm(docs: list[str], tok: Any, num_proc: int) -> tuple[float, int]:
 
 def memory_child(jsonl: str, tok_dir: str, cache: str) -> None:
     """Prepare one source in this process (a fresh one per size) and exit."""
-    from cpt_cli.cache import prepare_source
     from cpt_cli.config import SourceConfig
-    from cpt_cli.tokenization import load_tokenizer, tokenizer_fingerprint
+    from cpt_cli.data.cache import prepare_source
+    from cpt_cli.data.tokenization import load_tokenizer, tokenizer_fingerprint
 
     tok = load_tokenizer(tok_dir)
     path = Path(jsonl)
@@ -184,7 +184,7 @@ def main() -> int:
     paths = corpus(Path(args.data))
     docs = documents(paths)
     mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
-    from cpt_cli.cache import default_cache_dir
+    from cpt_cli.data.cache import default_cache_dir
 
     tok = tokenizer_for(docs, default_cache_dir())  # trained once, then reused from the cache
     print(f"corpus: {len(docs):,} documents, {mb:.1f} MB of text ({', '.join(paths)}); "

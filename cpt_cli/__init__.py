@@ -20,13 +20,13 @@ def load_recipe(path: Any, overrides: Any = ()) -> Any:
 
 
 def train(recipe: Any, **kwargs: Any) -> Any:
-    from cpt_cli.trainer import train as _train
+    from cpt_cli.training.loop import train as _train
 
     return _train(recipe, **kwargs)
 
 
 def evaluate(path: Any, **kwargs: Any) -> Any:
-    from cpt_cli.forgetting import evaluate as _evaluate
+    from cpt_cli.evaluation.evaluate import evaluate as _evaluate
 
     return _evaluate(path, **kwargs)
 

@@ -5,7 +5,7 @@ import os
 if "TORCHELASTIC_RUN_ID" in os.environ:
     # A worker of `accelerate launch`: in a session of its own, it would train on unsupervised
     # if the launcher were killed; this signal then checkpoints and stops it instead.
-    from cpt_cli.runlock import LAUNCHER_GONE, stop_with_parent
+    from cpt_cli.runs.lock import LAUNCHER_GONE, stop_with_parent
 
     stop_with_parent(LAUNCHER_GONE)
 

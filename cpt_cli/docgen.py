@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG_SOURCE = Path(__file__).resolve().parent / "config.py"
+CONFIG_SOURCE = Path(__file__).resolve().parent / "config" / "schema.py"
 RECIPE_DOC = ROOT / "docs" / "recipe.md"
 CLI_DOC = ROOT / "docs" / "cli.md"
 ROOT_CLASS = "Recipe"

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from cpt_cli.config import Recipe
-from cpt_cli.packing import BestFitStream
-from cpt_cli.prepare import PreparedData, plan_data, prepare_data
+from cpt_cli.data.packing import BestFitStream
+from cpt_cli.data.prepare import PreparedData, plan_data, prepare_data
 
 WINDOW = 1000
 

@@ -16,15 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-LAUNCHED_ENV = "CPT_LAUNCHED"
-# A folder cpt's parent process shares with the workers it launched: each worker writes its
-# process id there (the parent passes Ctrl-C and SIGTERM to them directly) and a mark when it has
-# finished, and the main worker its exit status, for the parent to return.
-CONTROL_ENV = "CPT_LAUNCH_CONTROL"
-
-
-def already_launched() -> bool:
-    return os.environ.get(LAUNCHED_ENV) == "1" or "LOCAL_RANK" in os.environ
+from cpt_cli.process import CONTROL_ENV, LAUNCHED_ENV
 
 
 def accelerate_command(num_processes: int, config_file: str | None, argv: list[str]) -> list[str]:
@@ -64,11 +56,11 @@ def check_before_launch(recipe: Any, config_file: Path | None, num_processes: in
     plan for the number of processes launched."""
     import torch  # here, not at the top: only a launching parent needs it
 
+    from cpt_cli.data.prepare import plan_data, prepare_data
     from cpt_cli.errors import UsageError
-    from cpt_cli.modeling import check_model_path
-    from cpt_cli.prepare import plan_data, prepare_data
-    from cpt_cli.runlock import RunBusy, busy_message, check_free
-    from cpt_cli.trainer import (
+    from cpt_cli.model import check_model_path
+    from cpt_cli.runs.lock import RunBusy, busy_message, check_free
+    from cpt_cli.training.loop import (
         check_compiler,
         check_overwrite_keeps_model,
         check_resumable,
@@ -175,7 +167,7 @@ def relaunch(num_processes: int, config_file: str | None, argv: list[str]) -> in
     import signal
     import tempfile
 
-    from cpt_cli.runlock import stop_with_parent
+    from cpt_cli.runs.lock import stop_with_parent
 
     parent = os.getpid()
     with tempfile.TemporaryDirectory(prefix="cpt-launch-") as control:
@@ -219,50 +211,3 @@ def launch_result(control: Path, launcher_code: int) -> int:
               f"exit status {launcher_code}) after every worker had finished; the run's own exit "
               f"status stands.", file=sys.stderr)
     return int(status.read_text())
-
-
-def worker_rank() -> str:
-    """This process's rank in a launched run, from the launcher's environment ("0" alone)."""
-    return os.environ.get("RANK") or "0"
-
-
-def register_worker() -> None:
-    """Under cpt's launcher: write this worker's process id for the parent (see relaunch)."""
-    control = os.environ.get(CONTROL_ENV)
-    if control and "LOCAL_RANK" in os.environ:
-        with contextlib.suppress(OSError):
-            Path(control, f"worker-{worker_rank()}.pid").write_text(str(os.getpid()))
-
-
-def finish_worker(code: int) -> int:
-    """The exit status for a worker that ends on purpose: under cpt's launcher the main worker
-    leaves `code` for the parent and every worker exits 0, so that torch's launcher reports no
-    failure (a traceback per process); elsewhere `code` itself."""
-    control = os.environ.get(CONTROL_ENV)
-    if not control or "LOCAL_RANK" not in os.environ:
-        return code
-    rank = worker_rank()
-    if rank == "0":
-        try:
-            Path(control, "status").write_text(str(code))
-        except OSError:
-            return code
-    with contextlib.suppress(OSError):
-        Path(control, f"worker-{rank}.done").touch()
-    return 0
-
-
-def end_worker(code: int) -> None:
-    """A process of a multi-process run exits here, with `code`, once its part is over (its
-    status handed over, its files written), skipping the interpreter's teardown: there, torch's
-    gloo threads abort now and then ("terminate called without an active exception", SIGABRT)
-    even after the process group is destroyed, and the launcher then reports a finished run as
-    failed (about one 2-process run in 30 without destroying the group, one in 140 with it, on
-    2 CPU cores). Trackers are finished and the process group destroyed before (trainer._end)."""
-    world = os.environ.get("WORLD_SIZE", "")
-    if not world.isdigit() or int(world) <= 1:
-        return
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(code)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from cpt_cli import render
+from cpt_cli.cli import render
 
 
 def load_report(run_dir: str | Path) -> dict:

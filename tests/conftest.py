@@ -52,7 +52,7 @@ def cpt_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def quickstart_corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """code.jsonl, prose.jsonl and qa.jsonl with 150 documents each (about 0.2 s to build)."""
-    from cpt_cli.corpus import build_quickstart_corpus
+    from cpt_cli.data.corpus import build_quickstart_corpus
 
     return build_quickstart_corpus(tmp_path_factory.mktemp("corpus"), max_documents=150)
 
@@ -63,7 +63,7 @@ def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory, quickstart_corpus: 
     """A 300-token byte-level BPE (with BOS/EOS/PAD) saved to a folder: a `model.tokenizer` for
     recipes whose sources change from test to test, so no test retrains a tokenizer."""
     from cpt_cli.config import TokenizerTrainConfig
-    from cpt_cli.tokenization import train_tokenizer
+    from cpt_cli.data.tokenization import train_tokenizer
 
     texts = [json.loads(line)["text"] for line in
              quickstart_corpus["prose"].read_text().splitlines()]

@@ -810,7 +810,7 @@ def test_trust_remote_code_warns(tiny_recipe: dict, tiny_tokenizer: Path,
     from transformers import AutoTokenizer
 
     from cpt_cli.config import load_recipe
-    from cpt_cli.modeling import load_model
+    from cpt_cli.model import load_model
 
     tiny_recipe["model"]["trust_remote_code"] = True
     recipe = load_recipe(write_recipe(tiny_recipe))

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from cpt_cli import cache as cache_module
-from cpt_cli.cache import document_hash, prepare_source, token_dtype
 from cpt_cli.config import SourceConfig, TokenizerTrainConfig
+from cpt_cli.data import cache as cache_module
+from cpt_cli.data.cache import document_hash, prepare_source, token_dtype
+from cpt_cli.data.tokenization import load_tokenizer, tokenizer_fingerprint, train_tokenizer
 from cpt_cli.errors import DataError
-from cpt_cli.tokenization import load_tokenizer, tokenizer_fingerprint, train_tokenizer
 
 DOCS = [f"Record {i}: the {['red', 'green', 'blue'][i % 3]} fox jumps over {i * 7} lazy dogs."
         + " Again." * (i % 5) for i in range(60)]

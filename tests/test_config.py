@@ -337,9 +337,9 @@ def test_saved_recipe_loads_back_identical(tmp_path: Path) -> None:
 def test_relative_paths_resolve_against_the_recipe_folder(tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch
                                                           ) -> None:
-    from cpt_cli.prepare import model_location
-    from cpt_cli.sources import expand_paths
-    from cpt_cli.trainer import run_dir_for
+    from cpt_cli.config import model_location
+    from cpt_cli.data.sources import expand_paths
+    from cpt_cli.runs.layout import run_dir_for
 
     project = tmp_path / "project"
     (project / "recipes").mkdir(parents=True)

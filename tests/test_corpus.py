@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cpt_cli.corpus import (
+from cpt_cli.data.corpus import (
     DOMAINS,
     MAX_CHUNK_CHARS,
     STAMP_FILE,

@@ -19,13 +19,9 @@ from test_trainer import read_metrics, recipe_file, weights, write_sources
 
 from cpt_cli.config import load_recipe
 from cpt_cli.errors import UsageError
-from cpt_cli.launch import (
-    accelerate_command,
-    finish_worker,
-    launch_result,
-    register_worker,
-)
-from cpt_cli.trainer import train
+from cpt_cli.launch import accelerate_command, launch_result
+from cpt_cli.process import finish_worker, register_worker
+from cpt_cli.training.loop import train
 
 
 def test_accelerate_command_for_cpu_processes() -> None:
@@ -71,7 +67,7 @@ def test_launched_run_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 def test_a_worker_ends_with_its_status_and_its_output(tmp_path: Path) -> None:
     """A process of a multi-process run leaves without the interpreter's teardown, its output
     flushed and its status kept; one process alone exits as usual (atexit handlers run)."""
-    program = ("import atexit, sys; from cpt_cli.launch import end_worker; "
+    program = ("import atexit, sys; from cpt_cli.process import end_worker; "
                "atexit.register(lambda: print('teardown')); print('done', end=''); "
                "sys.stderr.write('note'); end_worker(7); print(' returned')")
     for world, code, out in [("2", 7, "done"), ("1", 0, "done returned\nteardown\n"),

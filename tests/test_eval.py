@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from cpt_cli.cli import app  # noqa: E402
 from cpt_cli.config import load_recipe  # noqa: E402
 from cpt_cli.errors import UsageError  # noqa: E402
-from cpt_cli.trainer import train  # noqa: E402
+from cpt_cli.training.loop import train  # noqa: E402
 
 runner = CliRunner()
 
@@ -255,12 +255,12 @@ def test_a_lineage_domain_whose_held_out_text_is_all_trained_on_is_left_out(
     """A new source holding every held-out prose document of the lineage: scoring prose would
     measure memorization, so it is left out with a warning (never a NaN row); a new source named
     like a lineage domain but holding none of its held-out text is warned about too."""
-    from cpt_cli.lineage import read_heldout
+    from cpt_cli.runs.lineage import read_heldout
 
     held = [d["text"] for d in read_heldout(two_stage["stage1"] / "heldout" / "prose.jsonl")]
     # Held-out sets take the documents of smallest hash: one below all of prose's, and a budget
     # of one document, make the new source hold out that one and train on all of prose's.
-    from cpt_cli.cache import document_hash
+    from cpt_cli.data.cache import document_hash
 
     lowest = min(document_hash(t) for t in held)
     first = next(t for t in (f"A note, number {i}." for i in range(10**6))
@@ -310,7 +310,7 @@ def test_eval_data_without_documents_is_refused(two_stage: dict[str, Path],
 
 
 def test_json_outputs_hold_no_nan() -> None:
-    from cpt_cli.lineage import json_safe
+    from cpt_cli.runs.lineage import json_safe
 
     payload = {"loss": float("nan"), "rows": [{"bpb": float("inf")}, 1.5], "n": 3}
     assert json.loads(json.dumps(json_safe(payload), allow_nan=False)) == \

@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cpt_cli.cache import document_hash
 from cpt_cli.config import recipe_from_config
-from cpt_cli.loader import PackedLoader
-from cpt_cli.prepare import batch_geometry, plan_data, prepare_data
+from cpt_cli.data.cache import document_hash
+from cpt_cli.data.loader import PackedLoader
+from cpt_cli.data.prepare import batch_geometry, plan_data, prepare_data
 
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
               "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,

@@ -76,7 +76,7 @@ def test_dropped_and_padding_tokens_follow_the_packing(mix_recipe: dict[str, Any
     concat = inspect_mix(recipe)
     # Independently: each source's next sequence after the plan starts with the rest of the
     # document the plan cut, up to the first document start.
-    from cpt_cli.prepare import plan_data, prepare_data
+    from cpt_cli.data.prepare import plan_data, prepare_data
 
     data = plan_data(recipe, prepare_data(recipe))
     expected = 0

@@ -26,7 +26,8 @@ from safetensors.torch import load_file
 from test_trainer import recipe_file, weights, write_sources
 
 from cpt_cli.config import load_recipe
-from cpt_cli.trainer import complete_checkpoints, train
+from cpt_cli.runs.layout import complete_checkpoints
+from cpt_cli.training.loop import train
 
 pytestmark = pytest.mark.slow
 
@@ -251,7 +252,7 @@ def test_killing_the_launcher_stops_its_workers_with_a_checkpoint(straight: dict
     """`accelerate launch` starts each worker in a session of its own. SIGKILL to the launching
     process group (cpt and accelerate) must not leave them training unsupervised: they get
     SIGTERM, checkpoint and exit, releasing the run directory, and the run resumes."""
-    from cpt_cli.runlock import RunBusy, lock_run_dir
+    from cpt_cli.runs.lock import RunBusy, lock_run_dir
 
     recipe, run_dir = straight["recipe"], tmp_path / "run"
     log = tmp_path / "launched.log"

@@ -15,7 +15,7 @@ from test_trainer import merge, read_metrics, tiny_recipe, weights, write_source
 
 from cpt_cli.errors import UsageError
 from cpt_cli.inspection import inspect_mix
-from cpt_cli.trainer import train
+from cpt_cli.training.loop import train
 
 STAGE_STEPS = 4
 
@@ -174,8 +174,8 @@ def test_forgetting_budget_stops_after_a_checkpoint(stages: dict[str, Any],
     checkpoint, then stops (exit status 1) naming the domain and the figure. The forgetting is
     forced (a 4-step tiny model forgets too little to rely on): the real report, with the worst
     retained domain's figure raised to 0.5."""
-    from cpt_cli import trainer
     from cpt_cli.errors import TrainingStopped
+    from cpt_cli.training import loop as trainer
 
     real = trainer.forgetting_table
 

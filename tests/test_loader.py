@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from cpt_cli.config import recipe_from_config
-from cpt_cli.loader import PackedLoader
-from cpt_cli.prepare import PreparedData, plan_data, prepare_data
+from cpt_cli.data.loader import PackedLoader
+from cpt_cli.data.prepare import PreparedData, plan_data, prepare_data
 
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
               "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
@@ -177,8 +177,8 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     from accelerate import Accelerator
     from cpt_cli.config import load_recipe
-    from cpt_cli.loader import PackedLoader
-    from cpt_cli.prepare import batch_geometry, plan_data, prepare_data
+    from cpt_cli.data.loader import PackedLoader
+    from cpt_cli.data.prepare import batch_geometry, plan_data, prepare_data
 
     accelerator = Accelerator(cpu=True)
     recipe = load_recipe(sys.argv[1])

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from cpt_cli.config import recipe_from_config
+from cpt_cli.data.mixture import PlanSource, just_in_time_order, make_plan
+from cpt_cli.data.prepare import plan_data, prepare_data
 from cpt_cli.errors import RecipeError
-from cpt_cli.mixture import PlanSource, just_in_time_order, make_plan
-from cpt_cli.prepare import plan_data, prepare_data
 
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
               "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
@@ -213,7 +213,7 @@ def test_replay_without_replay_sources_is_refused(tmp_path: Path, tiny_tokenizer
 
 
 def test_inherited_replay_from_a_parent_run(tmp_path: Path, tiny_tokenizer: Path) -> None:
-    from cpt_cli.trainer import train
+    from cpt_cli.training.loop import train
 
     write_docs(tmp_path / "prose.jsonl", 120, 1)
     write_docs(tmp_path / "notes.jsonl", 120, 2)
@@ -253,8 +253,8 @@ def test_inherited_replay_from_a_parent_run(tmp_path: Path, tiny_tokenizer: Path
 
 
 def test_a_plan_with_no_new_data_is_refused_and_a_source_with_none_is_warned() -> None:
+    from cpt_cli.data.mixture import PlanSource, make_plan
     from cpt_cli.errors import RecipeError
-    from cpt_cli.mixture import PlanSource, make_plan
 
     def sources() -> list[PlanSource]:
         return [PlanSource(name="code", role="new", weight=1.0, documents=10,

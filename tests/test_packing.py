@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cpt_cli.packing import PAD_LABEL, BestFitStream, ConcatStream
+from cpt_cli.data.packing import PAD_LABEL, BestFitStream, ConcatStream
 
 EOS, PAD, L = 1, 0, 32
 

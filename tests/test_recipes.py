@@ -108,7 +108,7 @@ def test_accelerate_configs_are_referenced_and_well_formed() -> None:
 
 
 def test_fsdp_recipe_batch_divides_over_eight_gpus() -> None:
-    from cpt_cli.prepare import batch_geometry
+    from cpt_cli.data.prepare import batch_geometry
 
     recipe = load_recipe(RECIPES / "fsdp-8gpu.yaml")
     config = yaml.safe_load((ACCELERATE_CONFIGS / "fsdp-8gpu.yaml").read_text())
@@ -124,7 +124,7 @@ def test_fsdp_recipe_batch_divides_over_eight_gpus() -> None:
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of recipes/ beside data/quickstart (600 documents per domain), as in the repo."""
-    from cpt_cli.corpus import build_quickstart_corpus
+    from cpt_cli.data.corpus import build_quickstart_corpus
 
     root = tmp_path_factory.mktemp("repo")
     shutil.copytree(RECIPES, root / "recipes")
@@ -173,7 +173,7 @@ def test_quickstart_stage_two_inherits_the_base_lineage(layout: Path) -> None:
     finetune.yaml against it as written: replay comes from the lineage, and the fine-tune still
     evaluates the base's domains as retained ones."""
     from cpt_cli.inspection import inspect_mix
-    from cpt_cli.trainer import train
+    from cpt_cli.training.loop import train
 
     tiny = ["model.init.config.hidden_size=32", "model.init.config.intermediate_size=64",
             "model.init.config.num_hidden_layers=2", "model.init.config.num_attention_heads=2",

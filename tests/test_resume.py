@@ -15,9 +15,10 @@ import pytest
 import torch
 from test_trainer import read_metrics, tiny_recipe, weights, write_sources
 
+from cpt_cli.data.packing import ConcatStream
 from cpt_cli.errors import TrainingStopped, UsageError
-from cpt_cli.packing import ConcatStream
-from cpt_cli.trainer import complete_checkpoints, train
+from cpt_cli.runs.layout import complete_checkpoints
+from cpt_cli.training.loop import train
 
 STEPS = 8
 
@@ -161,7 +162,7 @@ def test_changed_data_section_is_refused(straight: dict[str, Any]) -> None:
 
 
 def test_debris_of_a_killed_run_is_cleared_and_complete_checkpoints_kept(tmp_path: Path) -> None:
-    from cpt_cli.trainer import remove_debris
+    from cpt_cli.training.loop import remove_debris
 
     root = tmp_path / "checkpoints"
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cpt_cli.config import ScheduleConfig
-from cpt_cli.schedule import decay_start, lr_multiplier, warmup_steps
-from cpt_cli.trainer import make_scheduler
+from cpt_cli.training.loop import make_scheduler
+from cpt_cli.training.schedule import decay_start, lr_multiplier, warmup_steps
 
 TOTAL = 100
 

@@ -1,4 +1,4 @@
-"""Tests for cpt_cli.scoring: exact per-document scoring, windows, batching, bootstrap."""
+"""cpt_cli.evaluation.scoring: exact per-document scoring, windows, batching, bootstrap."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from cpt_cli.scoring import (
+from cpt_cli.evaluation.scoring import (
     DocumentScores,
     DomainMetrics,
     bootstrap_delta_bpb,

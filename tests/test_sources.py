@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from cpt_cli.config import HFSource, SourceConfig
+from cpt_cli.data.sources import ReadStats, fingerprint_source, read_documents
 from cpt_cli.errors import DataError
-from cpt_cli.sources import ReadStats, fingerprint_source, read_documents
 
 RECORDS = [{"id": i, "text": f"document number {i} says hello {'x' * i}",
             "question": f"What is {i} + {i}?", "answer": f"It is {2 * i}."} for i in range(12)]

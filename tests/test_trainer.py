@@ -25,8 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from cpt_cli.config import load_recipe, recipe_from_config  # noqa: E402
 from cpt_cli.errors import UsageError  # noqa: E402
-from cpt_cli.schedule import lr_multiplier  # noqa: E402
-from cpt_cli.trainer import param_groups, train  # noqa: E402
+from cpt_cli.training.loop import param_groups, train  # noqa: E402
+from cpt_cli.training.schedule import lr_multiplier  # noqa: E402
 
 TINY_MODEL = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
               "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
@@ -285,7 +285,7 @@ def _poison_step(monkeypatch: pytest.MonkeyPatch, bad_steps: set[int], micro: in
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
         run: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     from cpt_cli.errors import TrainingStopped
-    from cpt_cli.trainer import complete_checkpoints
+    from cpt_cli.runs.layout import complete_checkpoints
 
     run_dir = run["tmp"] / "runs" / "nan"
     recipe = tiny_recipe(run["tmp"], "nan", run["sources"],
@@ -352,7 +352,7 @@ DISK_FULL = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected
 
 def test_failed_checkpoint_write_keeps_earlier_checkpoints(
         run: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    from cpt_cli.trainer import complete_checkpoints
+    from cpt_cli.runs.layout import complete_checkpoints
 
     run_dir = run["tmp"] / "runs" / "full"
     recipe = tiny_recipe(run["tmp"], "full", run["sources"],
@@ -394,7 +394,7 @@ def test_failed_final_write_is_exit_2_without_traceback(
 
 
 def test_world_size_guard() -> None:
-    from cpt_cli.trainer import check_world
+    from cpt_cli.training.loop import check_world
 
     check_world(1, {})
     check_world(2, {"WORLD_SIZE": "2"})
@@ -423,7 +423,7 @@ def test_activation_checkpointing_trains_the_same(run: dict[str, Any]) -> None:
 
 
 def test_decoder_layers_are_found_for_per_layer_compile() -> None:
-    from cpt_cli.trainer import _decoder_layers
+    from cpt_cli.training.loop import _decoder_layers
 
     layers = _decoder_layers(_model({**TINY_MODEL, "vocab_size": 100}))
     assert [type(layer).__name__ for layer in layers] == ["LlamaDecoderLayer"] * 2
@@ -458,7 +458,7 @@ def test_compiled_layers_train_without_falling_back(run: dict[str, Any]) -> None
 
 
 def test_training_flops_per_token() -> None:
-    from cpt_cli.trainer import training_flops_per_token
+    from cpt_cli.training.loop import training_flops_per_token
 
     d, f, n_layers, vocab, seq = 32, 64, 2, 100, 64
     per_layer = 4 * d * d + 3 * d * f + 2 * d  # q k v o, gate up down, two norms
@@ -471,7 +471,7 @@ def test_training_flops_per_token() -> None:
 
 
 def test_peak_flops_table_and_override() -> None:
-    from cpt_cli.trainer import peak_flops
+    from cpt_cli.training.loop import peak_flops
 
     assert peak_flops("NVIDIA H100 80GB HBM3", {}) == 989e12
     assert peak_flops("NVIDIA H100 PCIe", {}) == 756e12
@@ -481,7 +481,7 @@ def test_peak_flops_table_and_override() -> None:
 
 
 def test_cpu_compiler_lookup(tmp_path: Path) -> None:
-    from cpt_cli.trainer import cpu_compiler
+    from cpt_cli.training.loop import cpu_compiler
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -494,7 +494,7 @@ def test_cpu_compiler_lookup(tmp_path: Path) -> None:
 
 
 def test_precision_on_cpu_is_fp32(tmp_path: Path) -> None:
-    from cpt_cli.trainer import _precision
+    from cpt_cli.training.loop import _precision
 
     for precision in ("auto", "bf16", "fp16", "fp32"):
         recipe = tiny_recipe(tmp_path, "p", [{"name": "x", "path": "x.jsonl"}],
@@ -534,8 +534,8 @@ def test_signal_before_training_stops_without_writing(run: dict[str, Any],
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     import signal
 
-    from cpt_cli import trainer
     from cpt_cli.errors import TrainingStopped
+    from cpt_cli.training import loop as trainer
 
     original = trainer.prepare_data
 

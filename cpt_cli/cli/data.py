@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from cpt_cli.cli import data_app, print_json, run_guarded
+from cpt_cli.cli.application import data_app, print_json, run_guarded
 from cpt_cli.cli.options import Json, Overrides, RecipePath
 from cpt_cli.errors import UsageError
 
@@ -17,7 +17,7 @@ def prepare_command(recipe: RecipePath, overrides: Overrides = None, json_out: J
                     ) -> None:
     """Tokenize every source into the cache ahead of training (once per cluster)."""
     from cpt_cli.config import load_recipe
-    from cpt_cli.prepare import prepare_data
+    from cpt_cli.data.prepare import prepare_data
 
     def body() -> None:
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -59,7 +59,7 @@ def quickstart_command(
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if present.")] = False,
 ) -> None:
     """Build the quickstart corpus from the Python installation (no download)."""
-    from cpt_cli.corpus import build_quickstart_corpus
+    from cpt_cli.data.corpus import build_quickstart_corpus
 
     def body() -> None:
         try:

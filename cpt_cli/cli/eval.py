@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from cpt_cli.cli import app, print_json, run_guarded
+from cpt_cli.cli.application import app, print_json, run_guarded
 from cpt_cli.cli.options import Json
 from cpt_cli.errors import UsageError
 
@@ -42,8 +42,8 @@ def eval_command(
 ) -> None:
     """Per-domain loss, perplexity and bits per byte against the start model: the forgetting
     table."""
-    from cpt_cli import render
-    from cpt_cli.forgetting import evaluate
+    from cpt_cli.cli import render
+    from cpt_cli.evaluation.evaluate import evaluate
 
     def body() -> int:
         files: dict[str, str] = {}
@@ -58,17 +58,17 @@ def eval_command(
             files[name] = file
         _check_options(max_forgetting, batch_tokens, bootstrap, lm_eval_limit, plot)
         if plot is not None:
-            from cpt_cli.plotting import check_available
+            from cpt_cli.evaluation.plotting import check_available
             check_available()
         tasks = [t.strip() for t in lm_eval.split(",") if t.strip()] if lm_eval else None
         if tasks:
-            from cpt_cli.downstream import check_available as lm_eval_available
+            from cpt_cli.evaluation.downstream import check_available as lm_eval_available
             lm_eval_available()
         report = evaluate(path, data=files or None, base=base, batch_tokens=batch_tokens,
                           bootstrap_samples=bootstrap, lm_eval_tasks=tasks,
                           lm_eval_include=lm_eval_include, lm_eval_limit=lm_eval_limit)
         if plot is not None:
-            from cpt_cli.plotting import plot_run
+            from cpt_cli.evaluation.plotting import plot_run
             plot_run(path, report, plot)
         if json_out:
             print_json(report)

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from cpt_cli.cli import mix_app, print_json, run_guarded
+from cpt_cli.cli.application import mix_app, print_json, run_guarded
 from cpt_cli.cli.options import Json, Overrides, RecipePath
 
 
@@ -24,7 +24,7 @@ def inspect_command(
     json_out: Json = False,
 ) -> None:
     """The mixture plan before any training: tokens, shares, epochs, replay, packing."""
-    from cpt_cli import render
+    from cpt_cli.cli import render
     from cpt_cli.config import load_recipe
     from cpt_cli.inspection import inspect_mix
 

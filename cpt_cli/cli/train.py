@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from cpt_cli.cli import app, print_json, run_guarded
+from cpt_cli.cli.application import app, print_json, run_guarded
 from cpt_cli.cli.options import Json, Overrides, RecipePath
 
 
@@ -38,18 +38,12 @@ def train(
     """Prepare the data, evaluate the start model, train, checkpoint, and print the forgetting
     table. Exit status 143 (SIGTERM) or 130 (SIGINT) after a preemption checkpoint: rerun with
     --resume auto."""
-    from cpt_cli import render
+    from cpt_cli.cli import render
     from cpt_cli.config import load_recipe, resolve_path
     from cpt_cli.errors import TrainingStopped, UsageError
-    from cpt_cli.launch import (
-        already_launched,
-        check_before_launch,
-        end_worker,
-        finish_worker,
-        register_worker,
-        relaunch,
-    )
-    from cpt_cli.trainer import train as train_stage
+    from cpt_cli.launch import check_before_launch, relaunch
+    from cpt_cli.process import already_launched, end_worker, finish_worker, register_worker
+    from cpt_cli.training.loop import train as train_stage
 
     def body() -> int:
         loaded = load_recipe(recipe, overrides or [])
@@ -101,7 +95,7 @@ def train(
 
 
 def _main_process() -> bool:
-    from cpt_cli.launch import worker_rank
+    from cpt_cli.process import worker_rank
 
     return worker_rank() == "0"
 

@@ -164,3 +164,12 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(json_safe(payload), indent=2, default=str))
     os.replace(tmp, path)
+
+
+@dataclass
+class DomainText:
+    """A domain's held-out texts to score: this stage's sources and every lineage domain."""
+
+    name: str
+    role: str              # "target" or "retained"
+    texts: list[str]

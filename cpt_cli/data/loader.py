@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cpt_cli.mixture import MixturePlan, Stream
+from cpt_cli.data.mixture import MixturePlan, Stream
 
 
 @dataclass

@@ -17,7 +17,7 @@ is stamped in ``corpus.json``; a later build with a matching stamp is skipped.
 
 Usage::
 
-    python -m cpt_cli.corpus data/quickstart
+    python -m cpt_cli.data.corpus data/quickstart
 """
 
 from __future__ import annotations
@@ -445,7 +445,7 @@ def build_quickstart_corpus(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m cpt_cli.corpus",
+        prog="python -m cpt_cli.data.corpus",
         description="Build the offline quickstart corpus (code, prose, qa) from the stdlib.",
     )
     parser.add_argument("out_dir", type=Path, help="folder to write the .jsonl files into")

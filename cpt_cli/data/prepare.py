@@ -20,15 +20,19 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from cpt_cli.cache import DEFAULT_POOL_TOKENS, TokenizedSource, default_cache_dir, prepare_source
-from cpt_cli.config import Recipe, SourceConfig, build, resolve_path
+from cpt_cli.config import Recipe, SourceConfig, build, model_location, resolve_path
+from cpt_cli.data.cache import (
+    DEFAULT_POOL_TOKENS,
+    TokenizedSource,
+    default_cache_dir,
+    prepare_source,
+)
+from cpt_cli.data.mixture import MixturePlan, PlanSource, make_plan
+from cpt_cli.data.packing import BestFitStream, ConcatStream
+from cpt_cli.data.sources import fingerprint_source, read_documents
+from cpt_cli.data.tokenization import load_tokenizer, tokenizer_fingerprint, train_tokenizer
 from cpt_cli.errors import RecipeError, UsageError
-from cpt_cli.evaluation import DomainText
-from cpt_cli.lineage import Lineage, read_heldout, read_lineage
-from cpt_cli.mixture import MixturePlan, PlanSource, make_plan
-from cpt_cli.packing import BestFitStream, ConcatStream
-from cpt_cli.sources import fingerprint_source, read_documents
-from cpt_cli.tokenization import load_tokenizer, tokenizer_fingerprint, train_tokenizer
+from cpt_cli.runs.lineage import DomainText, Lineage, read_heldout, read_lineage
 
 Progress = Callable[[str, int, int], None]  # (source name, documents, tokens)
 
@@ -78,14 +82,6 @@ class PreparedData:
 def cache_dir_for(recipe: Recipe) -> Path:
     return resolve_path(recipe, recipe.data.cache_dir) if recipe.data.cache_dir else \
         default_cache_dir()
-
-
-def model_location(recipe: Recipe) -> str | None:
-    """model.path as a local folder when it exists next to the recipe, else as given (Hub id)."""
-    if recipe.model.path is None:
-        return None
-    local = resolve_path(recipe, recipe.model.path)
-    return str(local) if local.exists() else recipe.model.path
 
 
 def _lineage_source_config(raw: dict[str, Any], name: str) -> SourceConfig:
@@ -191,7 +187,7 @@ def prepare_data(recipe: Recipe, *, progress: Progress | None = None,
     """Tokenize every source, carve or reload held-out sets, and drop held-out duplicates."""
     # Imported here: modeling imports this module. The model is checked first so that a missing
     # or wrong model.path is reported as such, not as a tokenizer that failed to load.
-    from cpt_cli.modeling import check_model_path
+    from cpt_cli.model import check_model_path
 
     model_problems = check_model_path(recipe)
     if model_problems:

@@ -10,22 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cpt_cli.scoring import DocumentScores, bootstrap_delta_bpb, score_documents
-
-
-@dataclass
-class DomainText:
-    """A domain's held-out texts to score: this stage's sources and every lineage domain."""
-
-    name: str
-    role: str              # "target" or "retained"
-    texts: list[str]
+from cpt_cli.evaluation.scoring import DocumentScores, bootstrap_delta_bpb, score_documents
+from cpt_cli.runs.lineage import DomainText
 
 
 def score_domains(model: Any, tokenizer: Any, domains: Sequence[DomainText], *,

@@ -37,8 +37,8 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from cpt_cli.config import SourceConfig
+from cpt_cli.data.sources import ReadStats, fingerprint_source, read_documents
 from cpt_cli.errors import DataError
-from cpt_cli.sources import ReadStats, fingerprint_source, read_documents
 
 CACHE_VERSION = "cpt-cache-1"
 # Text per tokenizer call: large enough that the Rust side keeps every core busy (it splits a

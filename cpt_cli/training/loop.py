@@ -32,12 +32,22 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from cpt_cli.config import Recipe, ScheduleConfig, save_recipe
+from cpt_cli.config import Recipe, ScheduleConfig, model_location, save_recipe
+from cpt_cli.data.loader import PackedLoader
+from cpt_cli.data.prepare import PreparedData, batch_geometry, plan_data, prepare_data
 from cpt_cli.errors import TrainingStopped, UsageError
-from cpt_cli.evaluation import forgetting_table, load_scores, save_scores, score_domains
+from cpt_cli.evaluation.report import forgetting_table, load_scores, save_scores, score_domains
 from cpt_cli.hostmemory import keep_freed_memory
-from cpt_cli.launch import finish_worker, worker_rank
-from cpt_cli.lineage import (
+from cpt_cli.model import check_model_path, load_model, max_context
+from cpt_cli.process import finish_worker, worker_rank
+from cpt_cli.runs.layout import (
+    CHECKPOINTS,
+    check_overwrite_keeps_model,
+    complete_checkpoints,
+    resume_point,
+    run_dir_for,
+)
+from cpt_cli.runs.lineage import (
     FORMAT,
     HELDOUT_DIR,
     MANIFEST,
@@ -48,14 +58,8 @@ from cpt_cli.lineage import (
     write_heldout,
     write_json,
 )
-from cpt_cli.loader import PackedLoader
-from cpt_cli.modeling import check_model_path, load_model, max_context
-from cpt_cli.prepare import PreparedData, batch_geometry, model_location, plan_data, prepare_data
-from cpt_cli.runlock import LAUNCHER_GONE, LOCK_NAME, RunBusy, busy_message, lock_run_dir
-from cpt_cli.schedule import decay_start, lr_multiplier
-
-CHECKPOINTS = "checkpoints"
-STEP_DIR = re.compile(r"^step-(\d+)$")
+from cpt_cli.runs.lock import LAUNCHER_GONE, LOCK_NAME, RunBusy, busy_message, lock_run_dir
+from cpt_cli.training.schedule import decay_start, lr_multiplier
 
 
 @dataclass
@@ -75,26 +79,6 @@ class RunState:
     bad_steps: int = 0
     peak_forgetting: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def run_dir_for(recipe: Recipe, output_dir: str | None) -> Path:
-    if output_dir:
-        return Path(output_dir)
-    if recipe.output_dir:
-        return Path(recipe.output_dir) if Path(recipe.output_dir).is_absolute() else \
-            Path(recipe.base_dir) / recipe.output_dir
-    return Path("runs") / recipe.name
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoints in step order. A checkpoint is written under a temporary name and renamed
-    when complete, so every `step-N` folder is whole."""
-    root = run_dir / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := STEP_DIR.match(p.name)) and (p / "trainer_state.json").is_file()]
-    return [p for _, p in sorted(found)]
 
 
 class _StopNow(BaseException):
@@ -287,7 +271,7 @@ def _train(recipe: Recipe, signals: _Signals, cleanup: contextlib.ExitStack, *,
     from accelerate import Accelerator
     from transformers.utils import logging as hf_logging
 
-    from cpt_cli.display import TrainDisplay
+    from cpt_cli.training.display import TrainDisplay
 
     hf_logging.disable_progress_bar()  # "Writing model shards" bars would drown the live view
     keep_freed_memory()  # no page faults on re-touched memory each step (see hostmemory)
@@ -618,7 +602,7 @@ def _train(recipe: Recipe, signals: _Signals, cleanup: contextlib.ExitStack, *,
 
 def _end(accelerator: Any, metrics: Any) -> None:
     """Close the metrics file, wait for every process, finish the trackers and destroy the
-    process group (accelerate's documented end of a run; see also launch.end_worker)."""
+    process group (accelerate's documented end of a run; see also process.end_worker)."""
     metrics.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -820,55 +804,6 @@ def _check_document_masking(recipe: Recipe, model: Any, cuda: bool) -> None:
             "keep attention within documents of a packed sequence. Set model.attn_implementation "
             "to sdpa, eager, flex_attention or flash_attention_2, or set "
             "data.cross_document_attention=true.")
-
-
-def is_run_dir(path: Path) -> bool:
-    """A folder cpt trained into: what `--overwrite` may replace (never a folder of data, of other
-    runs, or the current directory holding the recipe)."""
-    return (path / "recipe.yaml").is_file() and (path / CHECKPOINTS).is_dir()
-
-
-def check_overwrite_keeps_model(recipe: Recipe, run_dir: Path, replacing: bool) -> None:
-    """Replacing a run directory that holds the model this recipe starts from would delete it
-    before training on it."""
-    location = model_location(recipe) if replacing and recipe.model.path else None
-    if location and Path(location).exists() and run_dir.exists() and \
-            Path(location).resolve().is_relative_to(run_dir.resolve()):
-        raise UsageError(f"--overwrite would delete {run_dir}, which holds this recipe's "
-                         f"model.path ({location}); train into another --output-dir")
-
-
-def resume_point(run_dir: Path, resume: str | None, overwrite: bool) -> Path | None:
-    """The checkpoint to resume from (None: start at step 0), or a UsageError when the run
-    directory does not allow what was asked (exists without --resume/--overwrite, finished).
-    Reads only."""
-    if resume not in (None, "auto", "never"):
-        path = Path(resume)
-        if not (path / "trainer_state.json").is_file():
-            raise UsageError(f"--resume {resume}: not a complete cpt checkpoint (no "
-                             "trainer_state.json); pass a checkpoints/step-N folder or 'auto'")
-        return path
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"{run_dir} is a file, not a run directory; pick another --output-dir "
-                         "(or output_dir in the recipe)")
-    exists = run_dir.exists() and any(p.name != LOCK_NAME for p in run_dir.iterdir())
-    if exists and overwrite and not is_run_dir(run_dir):
-        raise UsageError(f"{run_dir} is not a cpt run directory (no recipe.yaml and checkpoints/), "
-                         "so --overwrite will not delete it; pick an --output-dir that is new or "
-                         "a run directory")
-    if resume == "auto":
-        # final/eval/report.json is the last file a run writes: with it the run is finished.
-        # Without it (killed during the final evaluation) the newest checkpoint is trained on
-        # to the end again, which rewrites the same final/.
-        if (run_dir / "final" / "eval" / "report.json").is_file() and not overwrite:
-            raise UsageError(f"{run_dir} holds a finished run (final/ exists); nothing to "
-                             "resume. Use --overwrite to train it again, or another --output-dir.")
-        ckpts = complete_checkpoints(run_dir)
-        return ckpts[-1] if ckpts else None
-    if exists and not overwrite:
-        raise UsageError(f"{run_dir} already exists. Use --resume auto to continue it, "
-                         "--overwrite to replace it, or --output-dir for a new one.")
-    return None
 
 
 def _on_any_process(accelerator: Any, flag: bool) -> bool:

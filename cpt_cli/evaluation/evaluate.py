@@ -20,13 +20,19 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from cpt_cli.data.sources import PlainFile, file_records, match_files
 from cpt_cli.errors import UsageError
-from cpt_cli.evaluation import DomainText, forgetting_table, load_scores, save_scores, score_domains
+from cpt_cli.evaluation.report import (
+    DomainText,
+    forgetting_table,
+    load_scores,
+    save_scores,
+    score_domains,
+)
+from cpt_cli.evaluation.scoring import DocumentScores
 from cpt_cli.hostmemory import keep_freed_memory
-from cpt_cli.lineage import HELDOUT_DIR, MANIFEST, read_events, read_heldout, read_manifest
-from cpt_cli.scoring import DocumentScores
-from cpt_cli.sources import PlainFile, file_records, match_files
-from cpt_cli.trainer import CHECKPOINTS, complete_checkpoints
+from cpt_cli.runs.layout import CHECKPOINTS, complete_checkpoints
+from cpt_cli.runs.lineage import HELDOUT_DIR, MANIFEST, read_events, read_heldout, read_manifest
 
 
 @dataclass
@@ -194,7 +200,7 @@ def evaluate(path: str | Path, *, data: dict[str, str] | None = None, base: str 
 def _downstream(model_dir: Path, start: str | None, tasks: list[str], include: str | None,
                 limit: int | None, dev: torch.device) -> list[dict[str, Any]]:
     """lm-eval tasks on the model and, when it can be loaded, on its start model."""
-    from cpt_cli import downstream
+    from cpt_cli.evaluation import downstream
 
     downstream.check_available()
     model, tokenizer = _load(model_dir, dev, torch.float32)

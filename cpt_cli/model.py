@@ -15,9 +15,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from cpt_cli.config import Recipe, resolve_path
+from cpt_cli.config import Recipe, model_location, resolve_path
 from cpt_cli.errors import UsageError, offline_note
-from cpt_cli.prepare import model_location
 
 
 def check_model_path(recipe: Recipe) -> list[str]:

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from cpt_cli.evaluation import verdict
+from cpt_cli.evaluation.report import verdict
 
 
 def _num(x: Any, fmt: str = ".4f") -> str:
