@@ -163,7 +163,7 @@ def relaunch(num_processes: int, config_file: str | None, argv: list[str]) -> in
     print a traceback, exit 1, and kill workers still writing their checkpoint after 30 s. A
     worker that stops on purpose (a signal, a mistake, a forgetting budget) exits 0 for the
     launcher and leaves its status here (`finish_worker`). The launcher stops with this process
-    (and its workers with the launcher: see runlock)."""
+    (and its workers with the launcher: see runs/lock.py)."""
     import signal
     import tempfile
 

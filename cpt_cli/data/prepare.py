@@ -20,7 +20,14 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from cpt_cli.config import Recipe, SourceConfig, build, model_location, resolve_path
+from cpt_cli.config import (
+    BatchGeometry,
+    Recipe,
+    SourceConfig,
+    build,
+    model_location,
+    resolve_path,
+)
 from cpt_cli.data.cache import (
     DEFAULT_POOL_TOKENS,
     TokenizedSource,
@@ -32,7 +39,8 @@ from cpt_cli.data.packing import BestFitStream, ConcatStream
 from cpt_cli.data.sources import fingerprint_source, read_documents
 from cpt_cli.data.tokenization import load_tokenizer, tokenizer_fingerprint, train_tokenizer
 from cpt_cli.errors import RecipeError, UsageError
-from cpt_cli.runs.lineage import DomainText, Lineage, read_heldout, read_lineage
+from cpt_cli.model import check_model_path
+from cpt_cli.runs.lineage import DomainText, Lineage, LineageSource, read_heldout, read_lineage
 
 Progress = Callable[[str, int, int], None]  # (source name, documents, tokens)
 
@@ -184,22 +192,16 @@ def _lineage_trained_hashes(lineage: Lineage, skip: set[str], tokenizer: PreTrai
 
 def prepare_data(recipe: Recipe, *, progress: Progress | None = None,
                  lineage: Lineage | None = None) -> PreparedData:
-    """Tokenize every source, carve or reload held-out sets, and drop held-out duplicates."""
-    # Imported here: modeling imports this module. The model is checked first so that a missing
-    # or wrong model.path is reported as such, not as a tokenizer that failed to load.
-    from cpt_cli.model import check_model_path
+    """Tokenize every source, carve or reload held-out sets, and drop held-out duplicates.
 
+    The phases, in order: check the model (so that a missing model.path is reported as such, not
+    as a tokenizer that failed to load), open the cache, read the parent's lineage, load or train
+    the tokenizer, tokenize and split each domain, drop held-out documents that are trained on,
+    and gather the texts each domain is scored on."""
     model_problems = check_model_path(recipe)
     if model_problems:
         raise RecipeError("the recipe's model cannot be used:", model_problems)
-    cache_dir = cache_dir_for(recipe)
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        key = "data.cache_dir" if recipe.data.cache_dir else "$CPT_CACHE"
-        reason = "it is a file" if cache_dir.is_file() else err.strerror or str(err)
-        raise UsageError(f"{key}: cannot use {cache_dir} as the tokenization cache ({reason}); "
-                         f"point {key} at a writable folder") from None
+    cache_dir = _open_cache_dir(recipe)
     if lineage is None and recipe.model.path is not None:
         location = model_location(recipe)
         lineage = read_lineage(location) if location and Path(location).is_dir() else None
@@ -207,54 +209,8 @@ def prepare_data(recipe: Recipe, *, progress: Progress | None = None,
     tok_fp = tokenizer_fingerprint(tokenizer)
     domains = resolve_domains(recipe, lineage)
     recorded = {s.name: s for s in lineage.sources} if lineage else {}
-    budget = int(recipe.data.holdout.tokens)
-
-    problems: list[str] = []
     warnings: list[str] = []
-    for d in domains:
-        def report(docs: int, tokens: int, name: str = d.name) -> None:
-            if progress is not None:
-                progress(name, docs, tokens)
-
-        d.entry = prepare_source(d.config, d.base_dir, tokenizer, tok_fp, cache_dir,
-                                 pool_tokens=max(budget, DEFAULT_POOL_TOKENS), progress=report)
-        entry = d.entry
-        all_docs = np.arange(entry.num_documents, dtype=np.int64)
-        too_large = False  # reported once: an empty training set follows from it
-        if d.name in recorded:
-            d.heldout = read_heldout(recorded[d.name].heldout_file)
-            _count_tokens(tokenizer, d.heldout)
-            d.heldout_recorded = True
-            held = np.isin(entry.hashes, np.asarray([h["hash"] for h in d.heldout],
-                                                    dtype=np.uint64))
-            d.train_docs = all_docs[~held]
-            if not held.any() and d.heldout:
-                warnings.append(
-                    f"source {d.name!r} is named like the lineage's domain but holds none of its "
-                    f"held-out documents: it is scored on that domain's held-out text. If it is "
-                    f"other data, give it a name of its own.")
-        else:
-            held_idx = _carve_holdout(d, budget)
-            held_tokens = int(entry.lengths()[held_idx].sum()) if len(held_idx) else 0
-            if held_tokens > recipe.data.holdout.max_fraction * entry.num_tokens:
-                too_large = True
-                problems.append(
-                    f"source {d.name!r}: the holdout ({held_tokens:,} tokens) is more than "
-                    f"{recipe.data.holdout.max_fraction:.0%} of the source ({entry.num_tokens:,} "
-                    f"tokens). Lower data.holdout.tokens (now {budget:,}) or add data.")
-            d.train_docs = np.setdiff1d(all_docs, held_idx)
-        if len(d.train_docs) == 0 and not too_large:
-            problems.append(f"source {d.name!r}: no documents left for training after the "
-                            "holdout; lower data.holdout.tokens or add data.")
-        buffer = recipe.data.replay.buffer_tokens
-        if d.role == "replay" and buffer is not None and len(d.train_docs):
-            rng = np.random.default_rng(recipe.seed)
-            order = rng.permutation(d.train_docs)
-            cum = np.cumsum(entry.lengths()[order] + 1)
-            d.train_docs = np.sort(order[:int(np.searchsorted(cum, buffer)) + 1])
-    if problems:
-        raise RecipeError("the data does not fit the recipe:", problems)
-
+    _split_domains(recipe, domains, recorded, tokenizer, tok_fp, cache_dir, progress, warnings)
     # A held-out document that is also trained on (in any source) would measure memorization.
     trained = np.concatenate([d.entry.hashes[d.train_docs] for d in domains if d.entry is not None]
                              or [np.zeros(0, dtype=np.uint64)])
@@ -267,7 +223,96 @@ def prepare_data(recipe: Recipe, *, progress: Progress | None = None,
         d.heldout = [h for h, dup in zip(d.heldout, duplicate, strict=True) if not dup]
         d.dropped_duplicates = int(duplicate.sum())
         d.heldout_tokens = int(sum(h["tokens"] for h in d.heldout))
+    eval_domains = _eval_domains(domains, recorded, trained, warnings)
+    return PreparedData(tokenizer=tokenizer, tokenizer_fp=tok_fp, domains=domains,
+                        eval_domains=eval_domains, lineage=lineage, cache_dir=cache_dir,
+                        warnings=warnings)
 
+
+def _open_cache_dir(recipe: Recipe) -> Path:
+    """The tokenization cache, created; a UsageError naming the setting when it cannot be."""
+    cache_dir = cache_dir_for(recipe)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        key = "data.cache_dir" if recipe.data.cache_dir else "$CPT_CACHE"
+        reason = "it is a file" if cache_dir.is_file() else err.strerror or str(err)
+        raise UsageError(f"{key}: cannot use {cache_dir} as the tokenization cache ({reason}); "
+                         f"point {key} at a writable folder") from None
+    return cache_dir
+
+
+def _split_domains(recipe: Recipe, domains: list[Domain], recorded: dict[str, LineageSource],
+                   tokenizer: PreTrainedTokenizerBase, tok_fp: str, cache_dir: Path,
+                   progress: Progress | None, warnings: list[str]) -> None:
+    """Tokenize each domain and split it into held-out and training documents: a domain of the
+    lineage keeps its recorded held-out set, a new one has its set carved now. Every domain is
+    tried before one RecipeError lists the problems of all of them."""
+    budget = int(recipe.data.holdout.tokens)
+    problems: list[str] = []
+    for d in domains:
+        def report(docs: int, tokens: int, name: str = d.name) -> None:
+            if progress is not None:
+                progress(name, docs, tokens)
+
+        d.entry = prepare_source(d.config, d.base_dir, tokenizer, tok_fp, cache_dir,
+                                 pool_tokens=max(budget, DEFAULT_POOL_TOKENS), progress=report)
+        too_large = False  # reported once: an empty training set follows from it
+        if d.name in recorded:
+            _reuse_holdout(d, recorded[d.name], tokenizer, warnings)
+        else:
+            too_large = _new_holdout(d, recipe, budget, problems)
+        if len(d.train_docs) == 0 and not too_large:
+            problems.append(f"source {d.name!r}: no documents left for training after the "
+                            "holdout; lower data.holdout.tokens or add data.")
+        buffer = recipe.data.replay.buffer_tokens
+        if d.role == "replay" and buffer is not None and len(d.train_docs):
+            rng = np.random.default_rng(recipe.seed)
+            order = rng.permutation(d.train_docs)
+            cum = np.cumsum(d.entry.lengths()[order] + 1)
+            d.train_docs = np.sort(order[:int(np.searchsorted(cum, buffer)) + 1])
+    if problems:
+        raise RecipeError("the data does not fit the recipe:", problems)
+
+
+def _reuse_holdout(d: Domain, source: LineageSource, tokenizer: PreTrainedTokenizerBase,
+                   warnings: list[str]) -> None:
+    """A domain of the lineage: the held-out set recorded by its first stage, so every stage is
+    measured on the same text; the rest of the source trains."""
+    assert d.entry is not None
+    d.heldout = read_heldout(source.heldout_file)
+    _count_tokens(tokenizer, d.heldout)
+    d.heldout_recorded = True
+    held = np.isin(d.entry.hashes, np.asarray([h["hash"] for h in d.heldout], dtype=np.uint64))
+    d.train_docs = np.arange(d.entry.num_documents, dtype=np.int64)[~held]
+    if not held.any() and d.heldout:
+        warnings.append(
+            f"source {d.name!r} is named like the lineage's domain but holds none of its "
+            f"held-out documents: it is scored on that domain's held-out text. If it is "
+            f"other data, give it a name of its own.")
+
+
+def _new_holdout(d: Domain, recipe: Recipe, budget: int, problems: list[str]) -> bool:
+    """A domain new to the lineage: carve `budget` held-out tokens, train on the rest. True when
+    the holdout is too large a share of the source (a problem is appended)."""
+    assert d.entry is not None
+    held_idx = _carve_holdout(d, budget)
+    held_tokens = int(d.entry.lengths()[held_idx].sum()) if len(held_idx) else 0
+    d.train_docs = np.setdiff1d(np.arange(d.entry.num_documents, dtype=np.int64), held_idx)
+    max_fraction = recipe.data.holdout.max_fraction
+    if held_tokens > max_fraction * d.entry.num_tokens:
+        problems.append(
+            f"source {d.name!r}: the holdout ({held_tokens:,} tokens) is more than "
+            f"{max_fraction:.0%} of the source ({d.entry.num_tokens:,} "
+            f"tokens). Lower data.holdout.tokens (now {budget:,}) or add data.")
+        return True
+    return False
+
+
+def _eval_domains(domains: list[Domain], recorded: dict[str, LineageSource],
+                  trained: np.ndarray, warnings: list[str]) -> list[DomainText]:
+    """The held-out texts each domain is scored on: this stage's domains, then the lineage's
+    domains not replayed now (still evaluated), less any document trained on."""
     eval_domains = [DomainText(d.name, d.eval_role, [h["text"] for h in d.heldout])
                     for d in domains]
     names = {d.name for d in domains}
@@ -281,32 +326,17 @@ def prepare_data(recipe: Recipe, *, progress: Progress | None = None,
     warnings += [f"domain {d.name!r}: every held-out document is also in this stage's training "
                  "data, so it is not scored (no forgetting figure). Remove those documents from "
                  "the new sources to keep measuring it." for d in eval_domains if not d.texts]
-    eval_domains = [d for d in eval_domains if d.texts]
-    return PreparedData(tokenizer=tokenizer, tokenizer_fp=tok_fp, domains=domains,
-                        eval_domains=eval_domains, lineage=lineage, cache_dir=cache_dir,
-                        warnings=warnings)
+    return [d for d in eval_domains if d.texts]
 
 
-def batch_geometry(recipe: Recipe, num_processes: int) -> tuple[int, int, int]:
-    """(global batch in sequences, gradient accumulation, steps) for this recipe."""
-    t, L = recipe.train, recipe.data.seq_len
-    # Sizes are decimal (1M = 1,000,000), so a token batch is rarely a multiple of seq_len: it is
-    # rounded to whole sequences, and `cpt mix inspect` shows the exact figure.
-    global_batch = t.global_batch_size if t.global_batch_size is not None else \
-        max(1, round(int(t.global_batch_tokens or 0) / L))
-    per_step = t.micro_batch_size * num_processes
-    if global_batch % per_step:
-        raise RecipeError(
-            f"train: the global batch of {global_batch} sequences is not a multiple of "
-            f"micro_batch_size ({t.micro_batch_size}) x processes ({num_processes}). Pick a "
-            f"global batch that is a multiple of {per_step}, or change micro_batch_size.")
-    steps = t.steps if t.steps is not None else max(1, int(t.tokens or 0) // (global_batch * L))
-    return global_batch, global_batch // per_step, steps
+def batch_geometry(recipe: Recipe, num_processes: int) -> BatchGeometry:
+    """`recipe.batch_geometry(num_processes)`, under the name the trainer and tests import."""
+    return recipe.batch_geometry(num_processes)
 
 
 def plan_data(recipe: Recipe, data: PreparedData, num_processes: int = 1) -> PreparedData:
     """Build the packed streams and the mixture plan for the recipe's token budget."""
-    global_batch, _, steps = batch_geometry(recipe, num_processes)
+    global_batch, _, steps = recipe.batch_geometry(num_processes)
     L = recipe.data.seq_len
     eos = data.tokenizer.eos_token_id
     pad = data.tokenizer.pad_token_id if data.tokenizer.pad_token_id is not None else eos
