@@ -25,6 +25,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cpt_cli.config.mixschedule import check_mix_schedules, peak
 from cpt_cli.errors import RecipeError
 
 
@@ -94,8 +95,12 @@ class SourceConfig:
     """Record field holding the document text (ignored for plain files and with `template`)."""
     template: str | None = None
     """Python format string over the record's fields, e.g. `Question: {question}\\nAnswer: {answer}`."""
-    weight: float = 1.0
-    """Relative weight within its group (new sources, or replay sources)."""
+    weight: float | dict[str, Any] = 1.0
+    """Relative weight within its group (new sources, or replay sources): a number, or a schedule over the run, e.g. `{0%: 0.7, 80%: 0.7, 100%: 0.2}` (positions: `10%`, `0.8`, tokens `400M`, or wsd phases `warmup`/`stable`/`decay`; `interpolate: linear` or `step`; see docs/data.md)."""
+    min_weight: float = 0.0
+    """Floor under a scheduled weight: the source never falls below it."""
+    allow_drop: bool = False
+    """Allow a replay source's scheduled weight to reach 0 for the rest of the run (refused by default: dropping a learned domain is how forgetting starts)."""
     min_chars: int = 1
     """Drop documents shorter than this many characters."""
     max_chars: Size = Size(10_000_000)
@@ -110,8 +115,10 @@ class SourceConfig:
 class ReplayConfig:
     """Earlier data mixed into every stage, so the model keeps what it knew."""
 
-    ratio: float = 0.0
-    """Share of the training tokens drawn from replay sources (0 <= ratio < 1)."""
+    ratio: float | dict[str, Any] = 0.0
+    """Share of the training tokens drawn from replay sources (0 <= ratio < 1): a number, or a schedule like a source's weight."""
+    allow_drop: bool = False
+    """Allow a ratio schedule that reaches 0 for the rest of the run."""
     inherit: bool = True
     """When model.path is a cpt run: replay every source of its lineage too (weight 1 each)."""
     sources: list[SourceConfig] = field(default_factory=list)
@@ -615,7 +622,7 @@ def check_semantics(recipe: Recipe, problems: list[str]) -> None:
                                 "Hugging Face dataset)")
             elif isinstance(src.path, list) and not src.path:
                 problems.append(f"{key}.path: an empty list; give at least one file or glob")
-            if not (src.weight > 0) or src.weight != src.weight or src.weight == float("inf"):
+            if not isinstance(src.weight, dict) and not (0 < src.weight < float("inf")):
                 problems.append(f"{key}.weight: {src.weight} must be a positive number")
             if src.max_epochs is not None and src.max_epochs <= 0:
                 problems.append(f"{key}.max_epochs: {src.max_epochs} must be positive")
@@ -648,13 +655,14 @@ def check_semantics(recipe: Recipe, problems: list[str]) -> None:
                 problems.append(f"{key}.hf.max_documents: required with streaming: true, so the "
                                 "cache stays bounded (e.g. 200000)")
     r = d.replay
-    if not (0.0 <= r.ratio < 1.0):  # also catches NaN
+    ratio = peak(r.ratio)  # a ratio schedule's own values are checked by check_mix_schedules
+    if not isinstance(r.ratio, dict) and not (0.0 <= ratio < 1.0):  # also catches NaN
         problems.append(f"data.replay.ratio: {r.ratio} must be at least 0 and below 1 (a stage "
                         "needs some new data); e.g. 0.25")
-    if r.sources and r.ratio == 0.0:
+    if r.sources and ratio == 0.0:
         problems.append("data.replay.ratio: replay sources are listed but ratio is 0; set e.g. "
                         "data.replay.ratio=0.25 or remove data.replay.sources")
-    if r.ratio > 0 and not r.sources and not r.inherit:
+    if ratio > 0 and not r.sources and not r.inherit:
         problems.append("data.replay: ratio > 0 needs replay sources: list data.replay.sources "
                         "or set inherit: true with a cpt run as model.path")
     if r.buffer_tokens is not None and r.buffer_tokens <= 0:
@@ -668,6 +676,7 @@ def check_semantics(recipe: Recipe, problems: list[str]) -> None:
                         "0 and 1")
     if d.max_epochs <= 0:
         problems.append(f"data.max_epochs: {d.max_epochs} must be positive")
+    check_mix_schedules(recipe, problems)
 
     if not 0 <= recipe.seed < 2**32:  # numpy's seeds are 32-bit
         problems.append(f"seed: {recipe.seed} must be between 0 and {2**32 - 1}")
