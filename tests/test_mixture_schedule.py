@@ -329,3 +329,54 @@ def test_a_revision_off_a_step_or_of_another_run_is_refused() -> None:
     longer = schedule(mix.weights, mix.roles, 20, 8)
     with pytest.raises(RecipeError, match="keep the run's length"):
         plan.revise(8, longer, [1e9] * 2, [1e9] * 2)
+
+
+# ------------------------------------------------------------------------------------------
+# cpt mix inspect
+# ------------------------------------------------------------------------------------------
+
+
+def test_mix_inspect_shows_the_schedule(cli: Any, write_recipe: Any, tiny_recipe: dict[str, Any],
+                                        tiny_tokenizer: Any, tmp_path: Any) -> None:
+    import json
+
+    tiny_recipe["model"] = {"init": tiny_recipe["model"]["init"], "tokenizer": str(tiny_tokenizer)}
+    tiny_recipe["data"]["sources"][0]["weight"] = {"0%": 0.8, "50%": 0.8, "100%": 0.2}
+    tiny_recipe["data"]["sources"][1]["weight"] = {"0%": 0.2, "50%": 0.2, "100%": 0.8}
+    tiny_recipe["train"] = {"steps": 100, "global_batch_size": 8, "micro_batch_size": 4,
+                            "schedule": {"name": "wsd", "warmup": 0.05, "decay": 0.5}}
+    path = write_recipe(tiny_recipe)
+    result = cli("mix", "inspect", path, "--json", "--plot", "mix.png")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    rows = {s["name"]: s for s in report["sources"]}
+    assert rows["prose"]["share_planned"] == pytest.approx(0.65, abs=1 / 800)  # 0.8 then 0.5
+    assert rows["prose"]["weight"] == {"0%": 0.8, "50%": 0.8, "100%": 0.2}
+    phases = report["phases"]
+    # One constant phase to step 50, then the ramp per 10% of the run.
+    assert [(p["start_step"], p["end_step"]) for p in phases] == \
+        [(0, 50), (50, 60), (60, 70), (70, 80), (80, 90), (90, 100)]
+    assert sum(p["sequences"] for p in phases) == report["sequences"] == 800
+    for name in rows:  # per-phase tokens add up to the source's total exactly
+        assert sum(s["tokens_planned"] for p in phases for s in p["sources"]
+                   if s["name"] == name) == rows[name]["tokens_planned"]
+    prose = [next(s for s in p["sources"] if s["name"] == "prose") for p in phases]
+    assert prose[0]["share_planned"] == pytest.approx(0.8)
+    assert prose[-1]["share_planned"] == pytest.approx(prose[-1]["share_scheduled"], abs=1 / 80)
+    assert prose[-1]["share_planned"] < prose[1]["share_planned"]  # ramping down
+    assert phases[0]["lr_start"] < 1 and phases[-1]["lr_end"] == pytest.approx(0.1)
+    assert (tmp_path / "mix.png").stat().st_size > 10_000
+    table = cli("mix", "inspect", path)
+    assert table.exit_code == 0, table.output
+    assert "mixture schedule by phase" in table.output and "0%: 0.8 ->" in table.output
+    assert "73.8% / 74.0%" in table.output  # last tenth: planned / scheduled qa
+
+
+def test_a_bad_schedule_exits_2_with_every_problem(cli: Any, write_recipe: Any,
+                                                  tiny_recipe: dict[str, Any]) -> None:
+    tiny_recipe["data"]["sources"][0]["weight"] = {"60%": 1.0, "20%": 0.5}
+    tiny_recipe["data"]["sources"][1]["weight"] = {"decay": 1.0}
+    result = cli("mix", "inspect", write_recipe(tiny_recipe))
+    assert result.exit_code == 2
+    assert "falls before '60%'" in result.output and "names a wsd phase" in result.output
+    assert "Traceback" not in result.output
