@@ -8,29 +8,77 @@ boundaries.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cpt_cli.config import Recipe
+from cpt_cli.config import Recipe, ScheduleConfig
+from cpt_cli.data.mixture import MixturePlan
 from cpt_cli.data.packing import BestFitStream
 from cpt_cli.data.prepare import PreparedData, plan_data, prepare_data
+from cpt_cli.training.schedule import lr_multiplier
 
 WINDOW = 1000
+RAMP_SLICE = 0.1  # a ramp is reported per 10% of the run
+
+
+def phase_steps(plan: MixturePlan, steps: int) -> list[tuple[int, int]]:
+    """(first step, end step) of each reported phase: between the schedules' points, and per
+    10% of the run inside a ramp; the whole run for a constant mix."""
+    if plan.schedule is None:
+        return [(0, steps)]
+    mix = plan.schedule
+    cuts = {0, steps}
+    for value in [*mix.weights, mix.ratio]:
+        cuts.update(p for p, _ in value.points if 0 < p < steps)
+    ramps = [r for value in [*mix.weights, mix.ratio] for r in value.ramps()]
+    tenth = [round(i * RAMP_SLICE * steps) for i in range(1, round(1 / RAMP_SLICE))]
+    cuts.update(t for t in tenth if any(a < t < b for a, b in ramps))
+    ordered = sorted(c for c in cuts if 0 <= c <= steps)
+    return list(zip(ordered, ordered[1:], strict=False))
+
+
+def mix_phases(plan: MixturePlan, lr: ScheduleConfig) -> list[dict[str, Any]]:
+    """Per phase: its steps, the learning-rate multiplier at its start and end, and per source
+    the scheduled and planned share and the planned tokens."""
+    g = max(1, plan.global_batch)
+    steps = plan.total_sequences // g
+    phases = []
+    for a, b in phase_steps(plan, steps):
+        served = plan.read_positions(b * g) - plan.read_positions(a * g)
+        n = (b - a) * g
+        if plan.schedule is not None:
+            x = a * g + (np.arange(64) + 0.5) * n / 64
+            scheduled = plan.schedule.shares(x).mean(axis=0)
+        else:
+            scheduled = np.asarray([s.share_requested for s in plan.sources])
+        phases.append({
+            "start_step": a, "end_step": b, "sequences": n,
+            "lr_start": lr_multiplier(lr, a, steps), "lr_end": lr_multiplier(lr, b - 1, steps),
+            "sources": [{"name": s.name, "share_scheduled": float(share),
+                         "share_planned": float(c) / n if n else 0.0,
+                         "tokens_planned": int(c) * plan.seq_len}
+                        for s, share, c in zip(plan.sources, scheduled, served, strict=True)]})
+    return phases
 
 
 def inspect_mix(recipe: Recipe, *, samples: int = 0, num_processes: int | None = None,
-                data: PreparedData | None = None) -> dict[str, Any]:
+                data: PreparedData | None = None, plot: Path | None = None) -> dict[str, Any]:
     P = num_processes or recipe.launch.num_processes
     data = data or prepare_data(recipe)
     data = plan_data(recipe, data, P)
     plan = data.plan
     assert plan is not None
-    order = plan.source_order()
     k = len(plan.sources)
+    # A scheduled plan orders its segments lazily: read the first 1,000 sequences only, and
+    # take the overall shares from the counts (the same figures as counting the whole order).
+    order = plan.parts[0].order_slice(0, WINDOW) if plan.parts else plan.source_order()
     first = np.bincount(order[:WINDOW], minlength=k) / max(1, min(WINDOW, len(order)))
-    overall = np.bincount(order, minlength=k) / max(1, len(order))
+    overall = np.asarray([s.sequences for s in plan.sources]) / max(1, plan.total_sequences)
     result = plan.as_dict()
+    result["phases"] = mix_phases(plan, recipe.train.schedule)
+    result["schedule_fingerprint"] = plan.schedule_fingerprint()
     for i, row in enumerate(result["sources"]):
         row["share_achieved_first_1000"] = float(first[i])
         row["share_achieved"] = float(overall[i])
@@ -53,6 +101,8 @@ def inspect_mix(recipe: Recipe, *, samples: int = 0, num_processes: int | None =
     result["retained_only_domains"] = [d.name for d in data.eval_domains
                                        if d.name not in {x.name for x in data.domains}]
     result["samples"] = [_render(data, i) for i in range(min(samples, plan.total_sequences))]
+    if plot is not None:
+        plot_mix(plan, recipe, plot)
     return result
 
 
@@ -74,3 +124,36 @@ def _render(data: PreparedData, index: int) -> dict[str, Any]:
     padding = int((seq.labels == -100).sum()) if isinstance(data.streams[k], BestFitStream) else 0
     return {"index": index, "source": data.plan.sources[k].name, "documents": pieces,
             "padding": padding}
+
+
+def plot_mix(plan: MixturePlan, recipe: Recipe, path: Path) -> None:
+    """Stacked scheduled shares per source over the run, the learning rate on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed: the figure goes to a file
+    import matplotlib.pyplot as plt
+
+    g = max(1, plan.global_batch)
+    steps = max(1, plan.total_sequences // g)
+    x = np.linspace(0, steps, 400, endpoint=False)  # 400 columns: smooth at any run length
+    if plan.schedule is not None:
+        shares = plan.schedule.shares(x * g)
+    else:
+        shares = np.tile([s.share_requested for s in plan.sources], (len(x), 1))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.stackplot(x, shares.T, labels=[s.name for s in plan.sources], alpha=0.85)
+    ax.set(xlim=(0, steps), ylim=(0, 1), xlabel="step", ylabel="share of sequences",
+           title=f"mixture schedule: {recipe.name}")
+    lr_axis = ax.twinx()
+    peak = recipe.train.optimizer.lr
+    lr_axis.plot(x, [peak * lr_multiplier(recipe.train.schedule, int(s), steps) for s in x],
+                 color="black", linewidth=1.5, label="learning rate")
+    lr_axis.set_ylabel("learning rate")
+    lr_axis.set_ylim(bottom=0)
+    handles, labels = ax.get_legend_handles_labels()
+    extra, extra_labels = lr_axis.get_legend_handles_labels()
+    ax.legend(handles + extra, labels + extra_labels, loc="upper left", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

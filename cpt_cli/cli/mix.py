@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -9,6 +10,7 @@ from rich.console import Console
 
 from cpt_cli.cli.application import mix_app, print_json, run_guarded
 from cpt_cli.cli.options import Json, Overrides, RecipePath
+from cpt_cli.errors import UsageError
 
 
 @mix_app.command("inspect")
@@ -21,6 +23,9 @@ def inspect_command(
         "--num-processes", min=1,
         help="Plan for this many processes (default: launch.num_processes)."
     )] = None,
+    plot: Annotated[Path | None, typer.Option(
+        "--plot", help="Draw the shares over the run, with the learning rate, to this PNG."
+    )] = None,
     json_out: Json = False,
 ) -> None:
     """The mixture plan before any training: tokens, shares, epochs, replay, packing."""
@@ -29,11 +34,20 @@ def inspect_command(
     from cpt_cli.inspection import inspect_mix
 
     def body() -> None:
+        if plot is not None:
+            from cpt_cli.evaluation.plotting import check_available
+            check_available()
+            if plot.suffix.lower() != ".png":
+                raise UsageError(f"--plot {plot}: give a .png file name, e.g. --plot mix.png")
         loaded = load_recipe(recipe, overrides or [])
-        result = inspect_mix(loaded, samples=samples, num_processes=num_processes)
+        result = inspect_mix(loaded, samples=samples, num_processes=num_processes, plot=plot)
         if json_out:
             print_json(result)
         else:
-            render.plan(result, Console(width=max(140, Console().width)), loaded.name)
+            console = Console(width=max(140, Console().width))
+            render.plan(result, console, loaded.name)
+            render.phases(result, console)
+            if plot is not None:
+                console.print(f"wrote {plot}", highlight=False)
 
     run_guarded(body)

@@ -59,7 +59,7 @@ def plan(result: dict[str, Any], console: Console, name: str) -> None:
         role = s["role"] + (" (inherited)" if s.get("inherited") else "")
         epochs = Text(f"{s['epochs']:.2f}", style="yellow" if s["epochs"] > 4 else "")
         table.add_row(s["name"], role, f"{s['documents']:,}", f"{s['tokens_available']:,}",
-                      f"{s['holdout_tokens']:,}", f"{s['weight']:g}", f"{s['tokens_planned']:,}",
+                      f"{s['holdout_tokens']:,}", _weight(s['weight']), f"{s['tokens_planned']:,}",
                       f"{s['share_requested']:.2%}", f"{s['share_planned']:.2%}",
                       f"{s['share_achieved_first_1000']:.2%}", f"{s['share_achieved']:.2%}",
                       epochs)
@@ -85,6 +85,32 @@ def plan(result: dict[str, Any], console: Console, name: str) -> None:
             console.print(Text(doc["text"]))
         if sample.get("padding"):
             console.print(f"[dim]<{sample['padding']} padding tokens>[/dim]")
+
+
+def _weight(value: Any) -> str:
+    """A number, or a schedule as its points (`0%: 0.7 -> 100%: 0.2`)."""
+    if not isinstance(value, dict):
+        return f"{value:g}"
+    points = " -> ".join(f"{k}: {v:g}" for k, v in value.items() if k != "interpolate")
+    return points + (" (step)" if value.get("interpolate") == "step" else "")
+
+
+def phases(result: dict[str, Any], console: Console) -> None:
+    """The scheduled mix per phase (per 10% of the run inside a ramp): shares and tokens."""
+    rows = result.get("phases") or []
+    if len(rows) <= 1:
+        return  # a constant mix: the plan table above says it all
+    names = [s["name"] for s in rows[0]["sources"]]
+    table = Table(title="mixture schedule by phase (planned share / scheduled share, tokens)",
+                  title_justify="left")
+    for col in ("steps", "lr", *names):
+        table.add_column(col, justify="right")
+    for ph in rows:
+        cells = [f"{s['share_planned']:.1%} / {s['share_scheduled']:.1%}\n"
+                 f"{s['tokens_planned']:,}" for s in ph["sources"]]
+        table.add_row(f"{ph['start_step']:,}-{ph['end_step']:,}",
+                      f"{ph['lr_start']:.2f}-{ph['lr_end']:.2f}", *cells)
+    console.print(table)
 
 
 def comparison(reports: dict[str, dict[str, Any]], console: Console) -> None:

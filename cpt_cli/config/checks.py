@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import string
 
+from cpt_cli.config.mixschedule import check_mix_schedules, peak
 from cpt_cli.config.paths import resolve_path
 from cpt_cli.config.schema import (
     DataConfig,
@@ -40,6 +41,7 @@ def check_semantics(recipe: Recipe, problems: list[str]) -> None:
     check_train(recipe.train, recipe.data.seq_len, problems)
     check_eval(recipe.eval, problems)
     check_launch(recipe, recipe.launch, problems)
+    check_mix_schedules(recipe, problems)
 
 
 def check_model(m: ModelConfig, problems: list[str]) -> None:
@@ -96,7 +98,7 @@ def check_source(key: str, src: SourceConfig, problems: list[str]) -> None:
                         "Hugging Face dataset)")
     elif isinstance(src.path, list) and not src.path:
         problems.append(f"{key}.path: an empty list; give at least one file or glob")
-    if not (src.weight > 0) or src.weight != src.weight or src.weight == float("inf"):
+    if not isinstance(src.weight, dict) and not (0 < src.weight < float("inf")):
         problems.append(f"{key}.weight: {src.weight} must be a positive number")
     if src.max_epochs is not None and src.max_epochs <= 0:
         problems.append(f"{key}.max_epochs: {src.max_epochs} must be positive")
@@ -132,13 +134,14 @@ def check_template(key: str, template: str, problems: list[str]) -> None:
 
 
 def check_replay(r: ReplayConfig, problems: list[str]) -> None:
-    if not (0.0 <= r.ratio < 1.0):  # also catches NaN
+    ratio = peak(r.ratio)  # a ratio schedule's own values are checked by check_mix_schedules
+    if not isinstance(r.ratio, dict) and not (0.0 <= ratio < 1.0):  # also catches NaN
         problems.append(f"data.replay.ratio: {r.ratio} must be at least 0 and below 1 (a stage "
                         "needs some new data); e.g. 0.25")
-    if r.sources and r.ratio == 0.0:
+    if r.sources and ratio == 0.0:
         problems.append("data.replay.ratio: replay sources are listed but ratio is 0; set e.g. "
                         "data.replay.ratio=0.25 or remove data.replay.sources")
-    if r.ratio > 0 and not r.sources and not r.inherit:
+    if ratio > 0 and not r.sources and not r.inherit:
         problems.append("data.replay: ratio > 0 needs replay sources: list data.replay.sources "
                         "or set inherit: true with a cpt run as model.path")
     if r.buffer_tokens is not None and r.buffer_tokens <= 0:

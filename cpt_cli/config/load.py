@@ -196,10 +196,20 @@ def _build_union(tp: Any, value: Any, path: str, problems: list[str], failed: li
         built = build(cand, value, path, trial, [])
         if not trial and built is not _FAILED:
             return built
-    if len(candidates) == 1:
-        return build(candidates[0], value, path, problems, failed)
+    # One member of the value's own shape (a number for `float | dict`) says best what is wrong.
+    same_shape = [c for c in candidates if _shape(c) == _shape(type(value))]
+    if len(candidates) == 1 or len(same_shape) == 1:
+        return build((same_shape or candidates)[0], value, path, problems, failed)
     problems.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
     return _FAILED
+
+
+def _shape(tp: Any) -> str:
+    """mapping, list or scalar: what a YAML value of type `tp` looks like."""
+    origin = typing.get_origin(tp) or tp
+    if origin is dict or dataclasses.is_dataclass(origin):
+        return "mapping"
+    return "list" if origin in (list, tuple) else "scalar"
 
 
 def _build_scalar(tp: Any, value: Any, path: str, problems: list[str]) -> Any:

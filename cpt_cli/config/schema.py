@@ -86,8 +86,12 @@ class SourceConfig:
     """Record field holding the document text (ignored for plain files and with `template`)."""
     template: str | None = None
     """Python format string over the record's fields, e.g. `Question: {question}\\nAnswer: {answer}`."""
-    weight: float = 1.0
-    """Relative weight within its group (new sources, or replay sources)."""
+    weight: float | dict[str, Any] = 1.0
+    """Relative weight within its group (new sources, or replay sources): a number, or a schedule over the run, e.g. `{0%: 0.7, 80%: 0.7, 100%: 0.2}` (positions: `10%`, `0.8`, tokens `400M`, or wsd phases `warmup`/`stable`/`decay`; `interpolate: linear` or `step`; see docs/data.md)."""
+    min_weight: float = 0.0
+    """Floor under a scheduled weight: the source never falls below it."""
+    allow_drop: bool = False
+    """Allow a replay source's scheduled weight to reach 0 for the rest of the run (refused by default: dropping a learned domain is how forgetting starts)."""
     min_chars: int = 1
     """Drop documents shorter than this many characters."""
     max_chars: Size = Size(10_000_000)
@@ -102,8 +106,10 @@ class SourceConfig:
 class ReplayConfig:
     """Earlier data mixed into every stage, so the model keeps what it knew."""
 
-    ratio: float = 0.0
-    """Share of the training tokens drawn from replay sources (0 <= ratio < 1)."""
+    ratio: float | dict[str, Any] = 0.0
+    """Share of the training tokens drawn from replay sources (0 <= ratio < 1): a number, or a schedule like a source's weight."""
+    allow_drop: bool = False
+    """Allow a ratio schedule that reaches 0 for the rest of the run."""
     inherit: bool = True
     """When model.path is a cpt run: replay every source of its lineage too (weight 1 each)."""
     sources: list[SourceConfig] = field(default_factory=list)

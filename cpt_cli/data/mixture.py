@@ -19,6 +19,7 @@ prefix deviation reaches 3 sequences.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
 import json
@@ -27,6 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from cpt_cli.data.schedule import MixSchedule, segment_counts
 from cpt_cli.errors import RecipeError
 
 EPOCH_WARNING = 4.0  # Muennighoff et al. 2023: returns from repeated data fade beyond ~4 epochs
@@ -79,6 +81,9 @@ class MixturePlan:
     packing: str = "concat"
     global_batch: int = 0     # sequences per optimizer step: the loader's unit of progress
     warnings: list[str] = field(default_factory=list)
+    schedule: MixSchedule | None = None   # None: one constant mix (the order of cpt <= 0.x)
+    parts: list[SegmentTable] = field(default_factory=list)  # one per revision, by start
+    revisions: list[dict[str, Any]] = field(default_factory=list)
     _order: np.ndarray | None = None
     _local: np.ndarray | None = None
 
@@ -100,8 +105,62 @@ class MixturePlan:
                               "sources": [[s.name, s.role, s.sequences, s.documents,
                                            s.tokens_available, s.content]
                                           for s in self.sources],
-                              "extra": extra}, sort_keys=True)
+                              "extra": extra, **self._schedule_payload()}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def _schedule_payload(self) -> dict[str, Any]:
+        # Absent for a constant mix, so that a constant plan keeps the fingerprint it always had
+        # and runs planned before schedules existed still resume.
+        if not self.parts:
+            return {}
+        return {"schedule": self.schedule_fingerprint(), "revisions": self.revisions}
+
+    def schedule_fingerprint(self) -> str:
+        """The schedule alone (points, values, run length): what a --replan compares."""
+        return self.schedule.fingerprint() if self.schedule is not None else "constant"
+
+    def _part(self, index: int) -> SegmentTable:
+        starts = [int(p.bounds[0]) for p in self.parts]
+        return self.parts[int(np.searchsorted(starts, index, side="right")) - 1]
+
+    def read_positions(self, index: int) -> np.ndarray:
+        """How many sequences each source has served before global sequence `index`: where
+        each one continues reading after a revision there."""
+        if not self.parts:
+            order = self.source_order()[:index]
+            return np.bincount(order, minlength=len(self.sources)).astype(np.int64)
+        return self._part(index).read_positions(index)
+
+    def revise(self, at: int, schedule: MixSchedule, max_epochs: list[float],
+               sequences_per_epoch: list[float]) -> MixturePlan:
+        """A new plan: sequences before `at` exactly as planned, from `at` on the new schedule,
+        each source continuing from its own read position (none served twice, none skipped).
+        `at` is a step boundary (a checkpoint's step times the global batch)."""
+        g = max(1, self.global_batch)
+        if at % g or not 0 <= at <= self.total_sequences:
+            raise ValueError(f"a revision starts on a step boundary inside the run, not at {at}")
+        if schedule.total != self.total_sequences or len(schedule.weights) != len(self.sources):
+            raise RecipeError("a re-planned schedule must keep the run's length and sources; "
+                              "a changed past (seq_len, batch, sources) cannot be re-planned")
+        base = self.read_positions(at)
+        part = SegmentTable.build(schedule, at, base)
+        kept = [p for p in self.parts if int(p.bounds[0]) < at]
+        if not self.parts:  # a constant plan: keep its order up to `at` as the first part
+            kept = [SegmentTable.from_order(self.source_order(), len(self.sources))]
+        sources = [dataclasses.replace(s) for s in self.sources]
+        totals = base + part.counts.sum(axis=0)
+        problems, warnings = _check_counts(sources, [int(c) for c in totals],
+                                           sequences_per_epoch, max_epochs, self.seq_len,
+                                           self.total_sequences)
+        if problems:
+            raise RecipeError("the revised mixture plan is impossible:", problems)
+        revision = {"sequence": at, "step": at // g, "old": self.schedule_fingerprint(),
+                    "new": schedule.fingerprint()}
+        return MixturePlan(seq_len=self.seq_len, sources=sources,
+                           total_sequences=self.total_sequences, seed=self.seed,
+                           packing=self.packing, global_batch=self.global_batch,
+                           warnings=warnings, schedule=schedule, parts=[*kept, part],
+                           revisions=[*self.revisions, revision])
 
     def _build_order(self) -> None:
         counts = [s.sequences for s in self.sources]
@@ -115,12 +174,20 @@ class MixturePlan:
 
     def locate(self, index: int) -> tuple[int, int]:
         """(source number, index within that source's stream) of global sequence `index`."""
+        if self.parts:
+            return self._part(index).locate(index)
         if self._order is None:
             self._build_order()
         assert self._order is not None and self._local is not None
         return int(self._order[index]), int(self._local[index])
 
     def source_order(self) -> np.ndarray:
+        """Source number of every sequence (a scheduled plan builds every segment: small runs
+        and tests only; the loader uses `locate`)."""
+        if self.parts:
+            ends = [int(p.bounds[0]) for p in self.parts[1:]] + [self.total_sequences]
+            return np.concatenate([p.order_slice(int(p.bounds[0]), end)
+                                   for p, end in zip(self.parts, ends, strict=True)])
         if self._order is None:
             self._build_order()
         assert self._order is not None
@@ -184,8 +251,12 @@ def largest_remainder(shares: list[float], total: int) -> list[int]:
 def make_plan(sources: list[PlanSource], sequences_per_epoch: list[float], total_sequences: int,
               replay_ratio: float, seq_len: int, seed: int,
               max_epochs: list[float], *, packing: str = "concat",
-              global_batch: int = 0) -> MixturePlan:
-    """Assign `total_sequences` to sources; raise when a source would exceed its max_epochs."""
+              global_batch: int = 0, schedule: MixSchedule | None = None) -> MixturePlan:
+    """Assign `total_sequences` to sources; raise when a source would exceed its max_epochs.
+    With a `schedule` whose values change, the plan is cut into segments (see SegmentTable)."""
+    if schedule is not None and not schedule.is_constant:
+        return _make_scheduled_plan(sources, sequences_per_epoch, seq_len, seed, max_epochs,
+                                    packing, schedule)
     new = [s for s in sources if s.role == "new"]
     replay = [s for s in sources if s.role == "replay"]
     if replay_ratio > 0 and not replay:
@@ -197,6 +268,19 @@ def make_plan(sources: list[PlanSource], sequences_per_epoch: list[float], total
         for s in group:
             s.share_requested = share * s.weight / weight
     counts = largest_remainder([s.share_requested for s in sources], total_sequences)
+    problems, warnings = _check_counts(sources, counts, sequences_per_epoch, max_epochs, seq_len,
+                                       total_sequences)
+    if problems:
+        raise RecipeError("the mixture plan is impossible:", problems)
+    return MixturePlan(seq_len=seq_len, sources=sources, total_sequences=total_sequences,
+                       seed=seed, packing=packing, global_batch=global_batch, warnings=warnings)
+
+
+def _check_counts(sources: list[PlanSource], counts: list[int],
+                  sequences_per_epoch: list[float], max_epochs: list[float], seq_len: int,
+                  total_sequences: int) -> tuple[list[str], list[str]]:
+    """Record each source's sequences and epochs; (problems, warnings) of the whole run."""
+    new = [s for s in sources if s.role == "new"]
     problems: list[str] = []
     warnings: list[str] = []
     for s, c, per_epoch, limit in zip(sources, counts, sequences_per_epoch, max_epochs,
@@ -218,7 +302,103 @@ def make_plan(sources: list[PlanSource], sequences_per_epoch: list[float], total
     if new and not sum(s.sequences for s in new):
         problems.append(f"no sequence of new data in {total_sequences:,}: a stage needs some. "
                         "Lower data.replay.ratio or raise train.tokens.")
+    return problems, warnings
+
+
+def _make_scheduled_plan(sources: list[PlanSource], sequences_per_epoch: list[float],
+                         seq_len: int, seed: int, max_epochs: list[float], packing: str,
+                         schedule: MixSchedule) -> MixturePlan:
+    if "replay" not in schedule.roles and any(w > 0 for _, w in schedule.ratio.points):
+        raise RecipeError("data.replay.ratio is above 0 but there is no replay source: list "
+                          "data.replay.sources, or continue from a cpt run with inherit: true")
+    part = SegmentTable.build(schedule, 0, np.zeros(len(sources), dtype=np.int64))
+    total = schedule.total
+    requested = part.targets.sum(axis=0) / max(1, total)
+    for s, share in zip(sources, requested, strict=True):
+        s.share_requested = float(share)
+    counts = [int(c) for c in part.counts.sum(axis=0)]
+    problems, warnings = _check_counts(sources, counts, sequences_per_epoch, max_epochs, seq_len,
+                                       total)
     if problems:
         raise RecipeError("the mixture plan is impossible:", problems)
-    return MixturePlan(seq_len=seq_len, sources=sources, total_sequences=total_sequences,
-                       seed=seed, packing=packing, global_batch=global_batch, warnings=warnings)
+    return MixturePlan(seq_len=seq_len, sources=sources, total_sequences=total, seed=seed,
+                       packing=packing, global_batch=schedule.global_batch, warnings=warnings,
+                       schedule=schedule, parts=[part])
+
+
+@dataclass
+class SegmentTable:
+    """A scheduled plan from bounds[0] on: segment i covers sequences bounds[i]..bounds[i+1]
+    and holds counts[i, k] sequences of source k, ordered by just_in_time_order. A segment's
+    order is built on the first locate into it and at most CACHED orders are kept, so that
+    planning a 100B-token run stores only the (segments x sources) counts."""
+
+    bounds: np.ndarray        # (m + 1,) int64 global sequence positions
+    counts: np.ndarray        # (m, K) int64
+    starts: np.ndarray        # (m + 1, K) each source's read position at each bound
+    targets: np.ndarray       # (m, K) scheduled (fractional) sequences per segment
+    _cache: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    CACHED = 2  # the loader reads forward: the current segment and the next one suffice
+
+    @classmethod
+    def build(cls, schedule: MixSchedule, start: int, base: np.ndarray) -> SegmentTable:
+        bounds = schedule.boundaries(start)
+        targets = schedule.targets(bounds)
+        counts = segment_counts(targets, np.diff(bounds))
+        starts = np.vstack([base, base + np.cumsum(counts, axis=0)]).astype(np.int64)
+        return cls(bounds=bounds, counts=counts, starts=starts, targets=targets)
+
+    @classmethod
+    def from_order(cls, order: np.ndarray, sources: int) -> SegmentTable:
+        """A constant plan's whole order as one segment (the past of a revised constant plan)."""
+        counts = np.bincount(order, minlength=sources).astype(np.int64)[None, :]
+        table = cls(bounds=np.asarray([0, len(order)], dtype=np.int64), counts=counts,
+                    starts=np.vstack([np.zeros(sources, dtype=np.int64), counts[0]]),
+                    targets=counts.astype(np.float64))
+        table._cache[0] = (order, _local_indices(order, sources))
+        return table
+
+    def _segment(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if i not in self._cache:
+            if len(self._cache) >= self.CACHED:
+                self._cache.pop(next(iter(self._cache)))
+            order = just_in_time_order([int(c) for c in self.counts[i]])
+            self._cache[i] = (order, _local_indices(order, self.counts.shape[1]))
+        return self._cache[i]
+
+    def _index(self, index: int) -> int:
+        return min(int(np.searchsorted(self.bounds, index, side="right")) - 1,
+                   len(self.counts) - 1)
+
+    def locate(self, index: int) -> tuple[int, int]:
+        i = self._index(index)
+        order, local = self._segment(i)
+        j = index - int(self.bounds[i])
+        k = int(order[j])
+        return k, int(self.starts[i, k] + local[j])
+
+    def read_positions(self, index: int) -> np.ndarray:
+        i = self._index(index)
+        order, _ = self._segment(i)
+        inside = np.bincount(order[:index - int(self.bounds[i])], minlength=self.counts.shape[1])
+        return self.starts[i] + inside
+
+    def order_slice(self, start: int, end: int) -> np.ndarray:
+        pieces = []
+        for i in range(self._index(start), len(self.counts)):
+            a, b = int(self.bounds[i]), int(self.bounds[i + 1])
+            if a >= end:
+                break
+            order, _ = self._segment(i)
+            pieces.append(order[max(start, a) - a:min(end, b) - a])
+        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+
+
+def _local_indices(order: np.ndarray, sources: int) -> np.ndarray:
+    """The j-th occurrence of source k is its j-th sequence: a running count per source."""
+    local = np.zeros(len(order), dtype=np.int64)
+    for k in range(sources):
+        mask = order == k
+        local[mask] = np.arange(int(mask.sum()), dtype=np.int64)
+    return local

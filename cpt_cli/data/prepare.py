@@ -28,6 +28,7 @@ from cpt_cli.config import (
     model_location,
     resolve_path,
 )
+from cpt_cli.config.mixschedule import peak
 from cpt_cli.data.cache import (
     DEFAULT_POOL_TOKENS,
     TokenizedSource,
@@ -36,6 +37,7 @@ from cpt_cli.data.cache import (
 )
 from cpt_cli.data.mixture import MixturePlan, PlanSource, make_plan
 from cpt_cli.data.packing import BestFitStream, ConcatStream
+from cpt_cli.data.schedule import build_schedule
 from cpt_cli.data.sources import fingerprint_source, read_documents
 from cpt_cli.data.tokenization import load_tokenizer, tokenizer_fingerprint, train_tokenizer
 from cpt_cli.errors import RecipeError, UsageError
@@ -104,7 +106,7 @@ def resolve_domains(recipe: Recipe, lineage: Lineage | None) -> list[Domain]:
     base = recipe.base_dir
     domains = [Domain(s.name, "new", s, base) for s in recipe.data.sources]
     domains += [Domain(s.name, "replay", s, base) for s in recipe.data.replay.sources]
-    if lineage is not None and recipe.data.replay.inherit and recipe.data.replay.ratio > 0:
+    if lineage is not None and recipe.data.replay.inherit and peak(recipe.data.replay.ratio) > 0:
         named = {d.name for d in domains}
         for src in lineage.sources:
             if src.name not in named:
@@ -361,9 +363,16 @@ def plan_data(recipe: Recipe, data: PreparedData, num_processes: int = 1) -> Pre
                                content=content))
     limits = [d.config.max_epochs if d.config.max_epochs is not None else recipe.data.max_epochs
               for d in data.domains]
+    schedule = build_schedule(recipe, [(d.name, d.role, d.config) for d in data.domains], steps,
+                              global_batch)
+    ratio = recipe.data.replay.ratio
+    if schedule is not None and schedule.is_constant:  # mappings that never change: numbers
+        ratio = schedule.ratio.value(0)
+        for row, weight in zip(rows, schedule.weights, strict=True):
+            row.weight = weight.value(0)
     data.plan = make_plan(rows, [s.sequences_per_epoch for s in streams], steps * global_batch,
-                          recipe.data.replay.ratio, L, recipe.seed, limits,
-                          packing=recipe.data.packing, global_batch=global_batch)
+                          ratio, L, recipe.seed, limits, packing=recipe.data.packing,
+                          global_batch=global_batch, schedule=schedule)
     data.plan.warnings[:0] = data.warnings
     data.streams, data.steps, data.global_batch = streams, steps, global_batch
     return data
