@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import json
 from pathlib import Path
 
@@ -154,6 +155,58 @@ def test_missing_field_names_the_file_line_and_fields(tmp_path: Path) -> None:
         read(tmp_path, path="a.jsonl")
     with pytest.raises(DataError, match=r"template field 'answer' is missing"):
         read(tmp_path, path="a.jsonl", template="{text} {answer}")
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def _csv_bytes() -> bytes:
+    out = io.StringIO(newline="")
+    # "text" first: a byte-order mark would become part of the first column's name.
+    writer = csv.DictWriter(out, fieldnames=["text", "id", "question", "answer"])
+    writer.writeheader()
+    writer.writerows(RECORDS)
+    return out.getvalue().encode("utf-8")
+
+
+# Each format as a Windows editor or Excel saves it: a UTF-8 byte-order mark first. (Parquet and
+# Arrow are binary formats with typed strings: no byte-order mark can occur.)
+BOM_FILES = {
+    "jsonl": ("a.jsonl", lambda: "".join(json.dumps(r) + "\n" for r in RECORDS).encode(), TEXTS),
+    "json": ("a.json", lambda: json.dumps(RECORDS).encode(), TEXTS),
+    "jsonl-named-json": ("b.json", lambda: "".join(json.dumps(r) + "\n"
+                                                   for r in RECORDS).encode(), TEXTS),
+    "csv": ("a.csv", _csv_bytes, TEXTS),
+    "txt": ("a.txt", lambda: "plain text\n".encode(), ["plain text\n"]),
+    "md": ("a.md", lambda: "# Title\n".encode(), ["# Title\n"]),
+    "txt.gz": ("a.txt.gz", lambda: gzip.compress("zipped text\n".encode()), ["zipped text\n"]),
+}
+
+
+@pytest.mark.parametrize("fmt", list(BOM_FILES))
+def test_a_byte_order_mark_is_stripped(fmt: str, tmp_path: Path) -> None:
+    name, content, expected = BOM_FILES[fmt]
+    raw = content()
+    if name.endswith(".gz"):
+        raw = gzip.compress(BOM + gzip.decompress(raw))
+    else:
+        raw = BOM + raw
+    (tmp_path / name).write_bytes(raw)
+    docs = read(tmp_path, path=name)
+    assert docs == expected
+    assert not any(d.startswith("\ufeff") for d in docs)
+
+
+def test_a_null_text_is_an_error_or_skipped_as_not_text(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "fine"}, {"text": None}, {"text": "also fine"}])
+    with pytest.raises(DataError, match=r"a\.jsonl:2: field 'text' is null, not text.*"
+                                        r"on_error: skip"):
+        read(tmp_path, path="a.jsonl")
+    stats = ReadStats()
+    docs = list(read_documents(SourceConfig(name="s", path="a.jsonl", on_error="skip"),
+                               tmp_path, stats))
+    assert docs == ["fine", "also fine"]
+    assert stats.skipped == {"not text": 1}
 
 
 def test_glob_that_matches_nothing(tmp_path: Path) -> None:

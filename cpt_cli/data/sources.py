@@ -102,7 +102,9 @@ def _text_of(source: SourceConfig, record: Any, where: str) -> str:
                          "or template for this source.")
     text = record[source.text_field]
     if text is None:
-        return ""
+        # A null is a missing value, like a number or a list in its place: an error, or counted
+        # under "not text" with on_error: skip; never dropped unseen as an empty document.
+        raise ValueError(f"{where}: field {source.text_field!r} is null, not text")
     if not isinstance(text, str):
         raise ValueError(f"{where}: field {source.text_field!r} holds a value of type "
                          f"{type(text).__name__}, not text")
@@ -137,7 +139,7 @@ def _records_json(path: Path) -> Iterator[tuple[str, Any]]:
     with _open_binary(path) as fh:
         raw = fh.read()
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = json.loads(raw.decode("utf-8-sig"))  # a byte-order mark is not part of the JSON
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":
             # Many corpora name JSON Lines files .json (the Hub's own loader accepts both).
@@ -159,7 +161,9 @@ def _records_json(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _records_csv(path: Path) -> Iterator[tuple[str, Any]]:
-    with io.TextIOWrapper(_open_binary(path), encoding="utf-8", errors="strict",
+    # utf-8-sig: a byte-order mark (Excel writes one) would otherwise be part of the first
+    # column's name, "\ufefftext", and text_field: text would not find it.
+    with io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig", errors="strict",
                           newline="") as fh:
         reader = csv.DictReader(fh)
         try:
@@ -205,7 +209,8 @@ def _records_plain(path: Path, shown: str) -> Iterator[tuple[str, Any]]:
                                     "narrow the glob")
         return
     try:
-        yield str(path), PlainFile(shown, raw.decode("utf-8"))
+        # utf-8-sig: a byte-order mark is an encoding mark, not the document's first character.
+        yield str(path), PlainFile(shown, raw.decode("utf-8-sig"))
     except UnicodeDecodeError as err:
         yield str(path), ValueError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})")
 
