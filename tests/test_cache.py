@@ -112,6 +112,26 @@ def test_key_follows_content_extraction_and_tokenizer(tmp_path: Path, corpus: Pa
     assert prepare(tmp_path, tokenizer, weight=3.0).key == base
 
 
+def test_a_builder_name_source_follows_its_files(tmp_path: Path,
+                                                tokenizer: PreTrainedTokenizerBase) -> None:
+    """`hf: {path: parquet, data_files: ...}`: a shard that shrinks is tokenized again, never
+    served from the entry of its larger self."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cpt_cli.config import HFSource
+
+    def write(n: int) -> None:
+        pq.write_table(pa.Table.from_pylist([{"text": t} for t in DOCS[:n]]),
+                       tmp_path / "shard.parquet")
+
+    hf = HFSource(path="parquet", data_files="shard.parquet")
+    write(60)
+    assert prepare(tmp_path, tokenizer, path=None, hf=hf).num_documents == 60
+    write(40)
+    assert prepare(tmp_path, tokenizer, path=None, hf=hf).num_documents == 40
+
+
 def test_uint32_when_the_vocabulary_outgrows_uint16(tmp_path: Path, corpus: Path,
                                                     tokenizer: PreTrainedTokenizerBase) -> None:
     assert token_dtype(65_536) == np.uint16

@@ -26,6 +26,9 @@ from cpt_cli.config import SourceConfig
 from cpt_cli.errors import DataError, offline_note
 
 RECORD_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv", ".arrow"}
+# The `datasets` builders that read text records from data files (`hf: {path: parquet,
+# data_files: ...}`): their data files are on this machine, so they are resolved and hashed.
+FILE_BUILDERS = {"json", "csv", "parquet", "arrow", "text", "pandas", "xml", "webdataset"}
 # Files `datasets.Dataset.save_to_disk` writes next to its .arrow shards: metadata, not records.
 _SAVED_DATASET_META = {"state.json", "dataset_info.json", "dataset_dict.json"}
 # A plain-text file with a NUL byte in its first 8 KiB is binary (git uses the same rule).
@@ -235,6 +238,37 @@ def file_records(path: Path, shown: str) -> Iterator[tuple[str, Any]]:
     return _records_plain(path, shown)
 
 
+def builder_data_files(source: SourceConfig, base_dir: str | Path) -> list[str] | None:
+    """For a builder name as `hf.path` (`hf: {path: parquet, data_files: shards/*.parquet}`):
+    the files `data_files` names, resolved against the recipe's folder, sorted, remote URLs kept
+    as given; None for any other `hf` source. `datasets` would resolve them against the working
+    directory, so the same recipe would read other files (or none) from elsewhere; and a glob
+    that matches nothing is this error, not a dataset that "failed to load" offline."""
+    spec = source.hf
+    assert spec is not None
+    if spec.path not in FILE_BUILDERS or (Path(base_dir) / spec.path).exists():
+        return None
+    if spec.data_files is None:
+        raise DataError(f"source {source.name!r}: hf.path {spec.path!r} is the `datasets` "
+                        "builder for local files: set hf.data_files to the files to read "
+                        "(globs relative to the recipe's folder)")
+    patterns = [spec.data_files] if isinstance(spec.data_files, str) else list(spec.data_files)
+    files: list[str] = []
+    for pattern in patterns:
+        if "://" in pattern:  # hf://, https://: read by datasets, fingerprinted by the spec
+            files.append(pattern)
+            continue
+        expanded = os.path.expanduser(pattern)
+        full = expanded if os.path.isabs(expanded) else os.path.join(str(base_dir), expanded)
+        matches = match_files(full)
+        if not matches:
+            raise DataError(f"source {source.name!r}: hf.data_files {pattern!r} matches no file "
+                            f"(looked for {full}). Check the glob; relative paths start at the "
+                            "recipe's folder.")
+        files.extend(str(m) for m in matches)
+    return sorted(set(files))
+
+
 def _hf_records(source: SourceConfig, base_dir: str | Path) -> Iterator[tuple[str, Any]]:
     import datasets
 
@@ -244,6 +278,7 @@ def _hf_records(source: SourceConfig, base_dir: str | Path) -> Iterator[tuple[st
     local = Path(base_dir) / path if not os.path.isabs(path) else Path(path)
     if local.exists():
         path = str(local)
+    data_files = builder_data_files(source, base_dir)
     try:
         if local.is_dir() and ((local / "state.json").is_file() or
                                (local / "dataset_dict.json").is_file()):
@@ -253,7 +288,8 @@ def _hf_records(source: SourceConfig, base_dir: str | Path) -> Iterator[tuple[st
                 ds = ds[spec.split]
         else:
             ds = datasets.load_dataset(path, spec.name, split=spec.split,
-                                       revision=spec.revision, data_files=spec.data_files,
+                                       revision=spec.revision,
+                                       data_files=data_files or spec.data_files,
                                        streaming=spec.streaming)
     except Exception as err:  # noqa: BLE001 - datasets raises many kinds, all user-facing here
         raise DataError(f"source {source.name!r}: could not load Hugging Face dataset "
@@ -326,11 +362,18 @@ def _reason(message: str) -> str:
 
 
 def fingerprint_source(source: SourceConfig, base_dir: str | Path, memo_dir: Path | None) -> str:
-    """A hash of what the source reads: file contents (memoized by size and mtime) or the
-    dataset spec (pin `hf.revision` to make a Hub source's fingerprint mean its content)."""
+    """A hash of what the source reads: file contents (memoized by size and mtime; for `hf`, those
+    of a local dataset folder or of a builder's data files) and the dataset spec (pin
+    `hf.revision` to make a Hub source's fingerprint mean its content)."""
     h = hashlib.sha256()
     if source.hf is not None:
         h.update(json.dumps(dataclasses.asdict(source.hf), sort_keys=True).encode())
+        for name in builder_data_files(source, base_dir) or []:
+            # The files a builder reads, like a path source's: a shard that changes or shrinks
+            # makes a new entry instead of the cache serving its old tokens.
+            if "://" not in name:
+                h.update(_relative(Path(name), base_dir).encode())
+                h.update(_file_digest(Path(name), memo_dir).encode())
         local = Path(base_dir) / source.hf.path
         if local.is_dir():
             for p in sorted(q for q in local.rglob("*") if q.is_file()):
