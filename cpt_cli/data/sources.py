@@ -386,6 +386,23 @@ def fingerprint_source(source: SourceConfig, base_dir: str | Path, memo_dir: Pat
     return h.hexdigest()
 
 
+def source_bytes(source: SourceConfig, base_dir: str | Path) -> int | None:
+    """The size on disk of what the source reads, or None when it is not on this machine (a Hub
+    dataset): the estimate behind a full cache disk's message."""
+    try:
+        if source.hf is None:
+            return sum(p.stat().st_size for p in expand_paths(source, base_dir))
+        files = builder_data_files(source, base_dir)
+        if files is not None:
+            return sum(Path(f).stat().st_size for f in files if "://" not in f)
+        local = Path(base_dir) / source.hf.path
+        if local.is_dir():
+            return sum(p.stat().st_size for p in local.rglob("*") if p.is_file())
+    except (OSError, DataError):
+        pass
+    return None
+
+
 def _file_digest(path: Path, memo_dir: Path | None) -> str:
     """sha256 of a file's bytes; remembered by (path, size, mtime) so a 100 GB corpus is hashed
     once, not on every run."""
