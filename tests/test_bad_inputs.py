@@ -698,9 +698,11 @@ def test_compile_on_cpu_without_a_compiler(cli: Any, tmp_path: Path, tiny_recipe
     (["data", "--bootstrap", "-5"], ("--bootstrap -5",)),
     (["data", "--plot", "data"], ("--plot data: is a folder",)),
     (["data", "--plot", "nowhere/curves.png"], ("the folder nowhere does not exist",)),
+    # /sys refuses new files even to root, for whom permission bits would not.
+    (["data", "--plot", "/sys/curves.png"], ("--plot /sys/curves.png: cannot write there",)),
 ], ids=["path-missing", "not-a-model", "data-without-equals", "data-without-name",
         "data-name-twice", "budget-nan", "budget-negative", "batch-tokens-zero",
-        "bootstrap-negative", "plot-is-a-folder", "plot-folder-missing"])
+        "bootstrap-negative", "plot-is-a-folder", "plot-folder-missing", "plot-unwritable"])
 def test_bad_eval(args: list[str], expect: tuple[str, ...], cli: Any, tmp_path: Path,
                   tiny_recipe: dict) -> None:
     before = _snapshot(tmp_path)
