@@ -305,7 +305,10 @@ def batch_geometry(recipe: Recipe, num_processes: int) -> tuple[int, int, int]:
 
 
 def plan_data(recipe: Recipe, data: PreparedData, num_processes: int = 1) -> PreparedData:
-    """Build the packed streams and the mixture plan for the recipe's token budget."""
+    """Build the packed streams and the mixture plan for the recipe's token budget. The plan's
+    `warnings` are the one list every planning command prints (`cpt mix inspect`, `cpt train`):
+    those of preparing the data (a source named like a lineage domain, a domain left unscored)
+    followed by those of the plan (a source repeated more than 4 times, or given no sequence)."""
     global_batch, _, steps = batch_geometry(recipe, num_processes)
     L = recipe.data.seq_len
     eos = data.tokenizer.eos_token_id
