@@ -7,6 +7,8 @@ is extracted, and the tokenizer):
                    uint32), no separators: EOS is added when packing
     offsets.npy    int64, documents + 1 entries: document i is tokens[offsets[i]:offsets[i+1]]
     hashes.npy     uint64 hash of each document's whitespace-normalized text (holdout, dedup)
+    records.npy    uint64 hash of each document's record before templating (the fields its text
+                   is made of): what identifies a held-out record under another template
     nbytes.npy     UTF-8 bytes of each document
     pool.jsonl     the documents with the smallest hashes, with their text: the held-out
                    candidates (`holdout_pool_tokens` of them), so holding out never re-reads
@@ -85,6 +87,7 @@ class TokenizedSource:
     offsets: np.ndarray
     hashes: np.ndarray
     nbytes: np.ndarray
+    records: np.ndarray
 
     @property
     def num_documents(self) -> int:
@@ -125,11 +128,14 @@ def open_entry(path: Path, name: str) -> TokenizedSource:
         entry = TokenizedSource(name=name, key=path.name, path=path, meta=meta, tokens=tokens,
                                 offsets=np.load(path / "offsets.npy"),
                                 hashes=np.load(path / "hashes.npy"),
-                                nbytes=np.load(path / "nbytes.npy"))
+                                nbytes=np.load(path / "nbytes.npy"),
+                                # An entry from before records.npy is rebuilt, with the same key.
+                                records=np.load(path / "records.npy"))
     except (OSError, ValueError, KeyError, TypeError, EOFError) as err:
         raise DamagedEntry(f"{path}: {err}") from None
     docs = len(entry.hashes)
     if len(entry.offsets) != docs + 1 or len(entry.nbytes) != docs or \
+            len(entry.records) != docs or \
             (docs and int(entry.offsets[-1]) != n):
         raise DamagedEntry(f"{path}: its files disagree on the number of documents")
     return entry
@@ -294,6 +300,8 @@ def _tokenize_into(folder: Path, source: SourceConfig, base_dir: str | Path,
     offsets: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
     hashes: list[np.ndarray] = []
     nbytes: list[np.ndarray] = []
+    records: list[np.ndarray] = []
+    identities: list[int] = []  # read ahead of the batch being written: this one's come first
     # Max-heap (by hash, negated) of the smallest-hash documents: the held-out candidates.
     pool: list[tuple[int, int, int, str]] = []
     pool_total = 0
@@ -308,7 +316,7 @@ def _tokenize_into(folder: Path, source: SourceConfig, base_dir: str | Path,
 
     with open(folder / "tokens.bin", "wb") as out, ThreadPoolExecutor(max_workers=1) as pool_ex:
         pending = None
-        batches = _batches(read_documents(source, base_dir, stats))
+        batches = _batches(read_documents(source, base_dir, stats, identities))
         while True:
             nxt = next(batches, None)
             future = pool_ex.submit(encode, nxt) if nxt is not None else None
@@ -326,6 +334,8 @@ def _tokenize_into(folder: Path, source: SourceConfig, base_dir: str | Path,
                 hashes.append(batch_hashes)
                 nbytes.append(np.fromiter((len(t.encode("utf-8")) for t in texts),
                                           dtype=np.int64, count=len(texts)))
+                records.append(np.asarray(identities[:len(texts)], dtype=np.uint64))
+                del identities[:len(texts)]
                 for j, text in enumerate(texts):
                     h = int(batch_hashes[j])
                     if pool_total >= pool_tokens and -pool[0][0] < h:
@@ -348,6 +358,7 @@ def _tokenize_into(folder: Path, source: SourceConfig, base_dir: str | Path,
     np.save(folder / "offsets.npy", np.concatenate(offsets))
     np.save(folder / "hashes.npy", np.concatenate(hashes))
     np.save(folder / "nbytes.npy", np.concatenate(nbytes))
+    np.save(folder / "records.npy", np.concatenate(records))
     with open(folder / "pool.jsonl", "w", encoding="utf-8") as fh:
         for neg_h, index, length, text in sorted(pool, key=lambda item: (-item[0], item[1])):
             fh.write(json.dumps({"index": index, "hash": -neg_h, "tokens": length,

@@ -144,9 +144,18 @@ def _carve_holdout(domain: Domain, budget: int) -> np.ndarray:
             break
         chosen.append(doc)
         total += doc["tokens"]
-    domain.heldout = [{"text": d["text"], "hash": d["hash"], "tokens": d["tokens"]}
-                      for d in chosen]
+    domain.heldout = [{"text": d["text"], "hash": d["hash"], "tokens": d["tokens"],
+                       "record": int(domain.entry.records[d["index"]])} for d in chosen]
     return np.asarray([d["index"] for d in chosen], dtype=np.int64)
+
+
+def _recorded_heldout(entry: TokenizedSource, heldout: list[dict[str, Any]]) -> np.ndarray:
+    """Which documents of `entry` are a lineage domain's held-out set: the same text, or the
+    same record under another rendering (a redefined template), by the record identity the set
+    was recorded with (held-out sets from before it have none: text alone)."""
+    texts = np.asarray([h["hash"] for h in heldout], dtype=np.uint64)
+    records = np.asarray([h["record"] for h in heldout if "record" in h], dtype=np.uint64)
+    return np.isin(entry.hashes, texts) | np.isin(entry.records, records)
 
 
 def _count_tokens(tokenizer: PreTrainedTokenizerBase, docs: list[dict[str, Any]]) -> None:
@@ -225,8 +234,7 @@ def prepare_data(recipe: Recipe, *, progress: Progress | None = None,
             d.heldout = read_heldout(recorded[d.name].heldout_file)
             _count_tokens(tokenizer, d.heldout)
             d.heldout_recorded = True
-            held = np.isin(entry.hashes, np.asarray([h["hash"] for h in d.heldout],
-                                                    dtype=np.uint64))
+            held = _recorded_heldout(entry, d.heldout)
             d.train_docs = all_docs[~held]
             if not held.any() and d.heldout:
                 warnings.append(

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import string
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -301,10 +302,37 @@ def _hf_records(source: SourceConfig, base_dir: str | Path) -> Iterator[tuple[st
         yield f"{spec.path}[{spec.split}][{i}]", record
 
 
+def identity_fields(source: SourceConfig) -> list[str]:
+    """The record fields a source's text is made of: its template's fields, else `text_field`
+    (`text` for a plain file)."""
+    if source.template is None:
+        return [source.text_field]
+    return sorted({name for _, name, _, _ in string.Formatter().parse(source.template)
+                   if name})
+
+
+def record_identity(fields: list[str], record: Any) -> int:
+    """64-bit hash of a record's `fields` (names and whitespace-normalized values), before any
+    template: the same question-and-answer pair under "Question: {question}" and "Q:
+    {question}" is one record, so a later stage that renders it anew still knows it as
+    held out."""
+    if isinstance(record, PlainFile):
+        record = {"text": record.text, "path": record.path}
+    values = []
+    for name in fields:
+        value = record.get(name) if isinstance(record, dict) else None
+        values.append([name, " ".join(value.split()) if isinstance(value, str) else value])
+    payload = json.dumps(values, ensure_ascii=False, default=str).encode("utf-8")
+    return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little")
+
+
 def read_documents(source: SourceConfig, base_dir: str | Path,
-                   stats: ReadStats | None = None) -> Iterator[str]:
-    """Every document of `source` in a fixed order, as text, filtered by `min_chars`."""
+                   stats: ReadStats | None = None,
+                   identities: list[int] | None = None) -> Iterator[str]:
+    """Every document of `source` in a fixed order, as text, filtered by `min_chars`. With
+    `identities`, each yielded document's `record_identity` is appended to it."""
     stats = stats if stats is not None else ReadStats()
+    fields = identity_fields(source)
     if source.hf is not None:
         streams = [_hf_records(source, base_dir)]
     else:
@@ -330,6 +358,8 @@ def read_documents(source: SourceConfig, base_dir: str | Path,
                 stats.skipped["empty" if not text.strip() else "shorter than min_chars"] += 1
                 continue
             stats.documents += 1
+            if identities is not None:
+                identities.append(record_identity(fields, record))
             yield text
 
 
