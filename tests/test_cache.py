@@ -3,7 +3,12 @@ tokenized, uint16/uint32, atomic entries, and `cpt data prepare` ahead of `cpt t
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -112,6 +117,26 @@ def test_key_follows_content_extraction_and_tokenizer(tmp_path: Path, corpus: Pa
     assert prepare(tmp_path, tokenizer, weight=3.0).key == base
 
 
+def test_a_builder_name_source_follows_its_files(tmp_path: Path,
+                                                tokenizer: PreTrainedTokenizerBase) -> None:
+    """`hf: {path: parquet, data_files: ...}`: a shard that shrinks is tokenized again, never
+    served from the entry of its larger self."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cpt_cli.config import HFSource
+
+    def write(n: int) -> None:
+        pq.write_table(pa.Table.from_pylist([{"text": t} for t in DOCS[:n]]),
+                       tmp_path / "shard.parquet")
+
+    hf = HFSource(path="parquet", data_files="shard.parquet")
+    write(60)
+    assert prepare(tmp_path, tokenizer, path=None, hf=hf).num_documents == 60
+    write(40)
+    assert prepare(tmp_path, tokenizer, path=None, hf=hf).num_documents == 40
+
+
 def test_uint32_when_the_vocabulary_outgrows_uint16(tmp_path: Path, corpus: Path,
                                                     tokenizer: PreTrainedTokenizerBase) -> None:
     assert token_dtype(65_536) == np.uint16
@@ -182,6 +207,78 @@ def test_a_damaged_entry_is_rebuilt(damage: str, tmp_path: Path, corpus: Path,
     calls = count_tokenizations(monkeypatch)
     again = prepare(tmp_path, tokenizer)
     assert calls == ["docs"] and np.array_equal(np.array(again.tokens), tokens)
+
+
+def _fill_the_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tokenizing writes part of tokens.bin, then the disk is full."""
+    def full(folder: Path, *args: Any, **kwargs: Any) -> Any:
+        (folder / "tokens.bin").write_bytes(b"\0" * 4096)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder / "tokens.bin"))
+
+    monkeypatch.setattr(cache_module, "_tokenize_into", full)
+
+
+def test_a_full_cache_disk_is_a_data_error(tmp_path: Path, corpus: Path,
+                                           tokenizer: PreTrainedTokenizerBase,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    _fill_the_disk(monkeypatch)
+    with pytest.raises(DataError) as err:
+        prepare(tmp_path, tokenizer)
+    message = str(err.value)
+    # A small source: its tokens, and a held-out pool that holds all of its text.
+    need = 2 * corpus.stat().st_size
+    for phrase in (f"the tokenization cache {tmp_path / 'cache'} is full (No space left on "
+                   "device)", "source 'docs'", f"needs about {need / 1e3:,.0f} kB", "free)",
+                   "point data.cache_dir (or $CPT_CACHE) at a disk with room"):
+        assert phrase in message, f"{phrase!r} not in {message!r}"
+    assert list((tmp_path / "cache" / "tokens").iterdir()) == []  # nothing half-written
+
+
+@pytest.mark.parametrize("command", [("data", "prepare"), ("mix", "inspect"), ("train",)],
+                         ids=["prepare", "inspect", "train"])
+def test_a_full_cache_disk_in_every_command(command: tuple[str, ...], tmp_path: Path,
+                                            tiny_recipe: dict, tiny_tokenizer: Path,
+                                            write_recipe: Any, cli: Any,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny_recipe["model"].pop("train_tokenizer")
+    tiny_recipe["model"]["tokenizer"] = str(tiny_tokenizer)
+    tiny_recipe["data"]["cache_dir"] = "cache"
+    _fill_the_disk(monkeypatch)
+    result = cli(*command, write_recipe(tiny_recipe))
+    assert result.exit_code == 2, result.output
+    output = " ".join(result.output.split())  # rich wraps long lines
+    assert f"the tokenization cache {tmp_path / 'cache'} is full" in output, output
+    assert "Traceback" not in result.output
+    assert list((tmp_path / "cache" / "tokens").iterdir()) == []
+    assert not (tmp_path / "runs").exists()
+
+
+def _killed_builder(folder: Path) -> None:
+    """A process that starts building `folder` (takes its owner lock) and is SIGKILLed."""
+    code = ("import os, signal, sys; from pathlib import Path; "
+            "from cpt_cli.data.cache import _own; _own(Path(sys.argv[1])); "
+            "os.kill(os.getpid(), signal.SIGKILL)")
+    done = subprocess.run([sys.executable, "-c", code, str(folder)], check=False,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.returncode == -signal.SIGKILL
+
+
+def test_temporaries_of_a_killed_build_are_removed(tmp_path: Path, corpus: Path,
+                                                   tokenizer: PreTrainedTokenizerBase) -> None:
+    tokens = tmp_path / "cache" / "tokens"
+    dead, live, unowned = (tokens / f".docs-{x}.tmp" for x in ("dead", "live", "unowned"))
+    for folder in (dead, live, unowned):
+        folder.mkdir(parents=True)
+        (folder / "tokens.bin").write_bytes(b"\0" * 4096)
+    _killed_builder(dead)
+    owner = cache_module._own(live)  # a build still running (this process)
+    try:
+        entry = prepare(tmp_path, tokenizer)
+        assert not dead.exists()
+        assert live.is_dir() and unowned.is_dir()  # alive, or not known to be dead
+        assert entry.num_documents == len(DOCS)
+    finally:
+        os.close(owner)
 
 
 def test_an_empty_cpt_cache_means_the_default(monkeypatch: pytest.MonkeyPatch,

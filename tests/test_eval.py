@@ -317,6 +317,21 @@ def test_json_outputs_hold_no_nan() -> None:
         {"loss": None, "rows": [{"bpb": None}, 1.5], "n": 3}
 
 
+def test_an_unwritable_plot_is_refused_before_the_evaluation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cpt_cli.evaluation import evaluate as evaluate_module
+
+    def evaluate(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the evaluation ran before the plot's destination was checked")
+
+    monkeypatch.setattr(evaluate_module, "evaluate", evaluate)
+    # /sys refuses new files even to root, for whom a folder's permission bits would not.
+    result = runner.invoke(app, ["eval", str(tmp_path), "--plot", "/sys/curves.png"])
+    assert result.exit_code == 2, result.output
+    assert "--plot /sys/curves.png: cannot write there (Permission denied)" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_a_metrics_line_cut_short_by_a_kill_is_skipped(two_stage: dict[str, Path],
                                                        tmp_path: Path) -> None:
     import shutil

@@ -181,3 +181,36 @@ def test_duplicate_within_a_source_is_not_held_out(tmp_path: Path, tiny_tokenize
     assert len(copies) == 2
     assert not set(copies.tolist()) & set(d.train_docs.tolist())
     assert [h["text"] for h in d.heldout].count(first) == 2 and d.dropped_duplicates == 0
+
+
+def test_a_redefined_template_does_not_train_on_held_out_records(tmp_path: Path,
+                                                                 tiny_tokenizer: Path) -> None:
+    """A later stage renders `qa` with another template: the records whose earlier rendering is
+    the held-out set are known by their fields, not by their text, and are not trained on."""
+    from cpt_cli.runs.lineage import FORMAT, Lineage, write_heldout
+
+    rng = random.Random(5)
+    records = [{"question": f"q{i} {rng.getrandbits(40):x}?", "answer": f"{rng.getrandbits(40):x}"}
+               for i in range(150)]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    before, after = "Question: {question}\nAnswer: {answer}", "Q: {question}\nA: {answer}"
+    first = prepare_data(recipe(tmp_path, tiny_tokenizer, [
+        {"name": "qa", "path": "qa.jsonl", "template": before}])).domains[0]
+    assert 0 < len(first.heldout) < len(records)
+    final = tmp_path / "final"
+    write_heldout(final / "heldout" / "qa.jsonl", first.heldout)
+    lineage = Lineage(root=final, manifest={"format": FORMAT, "stages": [], "sources": {"qa": {
+        "config": {"name": "qa", "path": "qa.jsonl", "template": before},
+        "base_dir": str(tmp_path), "heldout": {"file": "heldout/qa.jsonl"}, "stage": 1}}})
+
+    second = prepare_data(recipe(tmp_path, tiny_tokenizer, [
+        {"name": "qa", "path": "qa.jsonl", "template": after}]), lineage=lineage)
+    (qa,) = second.domains
+    held_questions = {h["text"].split("\n")[0].removeprefix("Question: ") for h in first.heldout}
+    trained_questions = {records[i]["question"] for i in qa.train_docs.tolist()}
+    assert not held_questions & trained_questions
+    assert len(qa.train_docs) == len(records) - len(first.heldout)
+    # The earlier rendering is still what the domain is scored on, the same text as before.
+    scored = next(e for e in second.eval_domains if e.name == "qa").texts
+    assert sorted(scored) == sorted(h["text"] for h in first.heldout)
+    assert not any("named like the lineage's domain" in w for w in second.warnings)

@@ -117,6 +117,20 @@ def test_table_samples_and_warnings(mix_recipe: dict[str, Any], write_recipe: An
     assert any("source 'qa' is repeated" in w for w in report["warnings"])
 
 
+def test_train_prints_the_plans_warnings(tiny_recipe: dict[str, Any], tiny_tokenizer: Path,
+                                         write_recipe: Any, cli: Any) -> None:
+    """The warnings `cpt mix inspect` shows, `cpt train` shows too: here qa's share of the 8
+    sequences (1%) rounds to none."""
+    tiny_recipe["model"] = {"init": tiny_recipe["model"]["init"], "tokenizer": str(tiny_tokenizer)}
+    tiny_recipe["data"]["sources"][1]["weight"] = 0.01
+    recipe = write_recipe(tiny_recipe)
+    inspected = cli("mix", "inspect", recipe)
+    trained = cli("train", recipe)
+    assert trained.exit_code == 0, trained.output
+    for out in (inspected.output, trained.output):
+        assert "warning: source 'qa' gets no sequence" in " ".join(out.split()), out
+
+
 def test_json_only_on_stdout_in_process(mix_recipe: dict[str, Any], write_recipe: Any,
                                         cli: Any) -> None:
     result = cli("mix", "inspect", write_recipe(mix_recipe), "--json")

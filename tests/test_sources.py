@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import json
 from pathlib import Path
 
@@ -156,6 +157,54 @@ def test_missing_field_names_the_file_line_and_fields(tmp_path: Path) -> None:
         read(tmp_path, path="a.jsonl", template="{text} {answer}")
 
 
+BOM = b"\xef\xbb\xbf"
+
+
+def _csv_bytes() -> bytes:
+    out = io.StringIO(newline="")
+    # "text" first: a byte-order mark would become part of the first column's name.
+    writer = csv.DictWriter(out, fieldnames=["text", "id", "question", "answer"])
+    writer.writeheader()
+    writer.writerows(RECORDS)
+    return out.getvalue().encode("utf-8")
+
+
+# Each format as a Windows editor or Excel saves it: a UTF-8 byte-order mark first. (Parquet and
+# Arrow are binary formats with typed strings: no byte-order mark can occur.)
+JSONL_BYTES = "".join(json.dumps(r) + "\n" for r in RECORDS).encode()
+BOM_FILES = {
+    "jsonl": ("a.jsonl", JSONL_BYTES, TEXTS),
+    "json": ("a.json", json.dumps(RECORDS).encode(), TEXTS),
+    "jsonl-named-json": ("b.json", JSONL_BYTES, TEXTS),
+    "csv": ("a.csv", _csv_bytes(), TEXTS),
+    "txt": ("a.txt", b"plain text\n", ["plain text\n"]),
+    "md": ("a.md", b"# Title\n", ["# Title\n"]),
+    "txt.gz": ("a.txt.gz", b"zipped text\n", ["zipped text\n"]),
+}
+
+
+@pytest.mark.parametrize("fmt", list(BOM_FILES))
+def test_a_byte_order_mark_is_stripped(fmt: str, tmp_path: Path) -> None:
+    name, content, expected = BOM_FILES[fmt]
+    raw = BOM + content
+    (tmp_path / name).write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    docs = read(tmp_path, path=name)
+    assert docs == expected
+    assert not any(d.startswith("\ufeff") for d in docs)
+
+
+def test_a_null_text_is_an_error_or_skipped_as_not_text(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "fine"}, {"text": None}, {"text": "also fine"}])
+    with pytest.raises(DataError, match=r"a\.jsonl:2: field 'text' is null, not text.*"
+                                        r"on_error: skip"):
+        read(tmp_path, path="a.jsonl")
+    stats = ReadStats()
+    docs = list(read_documents(SourceConfig(name="s", path="a.jsonl", on_error="skip"),
+                               tmp_path, stats))
+    assert docs == ["fine", "also fine"]
+    assert stats.skipped == {"not text": 1}
+
+
 def test_glob_that_matches_nothing(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"path 'nothing/\*\.jsonl' matches no file"):
         read(tmp_path, path="nothing/*.jsonl")
@@ -213,6 +262,44 @@ def test_hf_folder_written_by_save_to_disk(tmp_path: Path) -> None:
 def test_hf_missing_dataset_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"could not load Hugging Face dataset 'no/such-dataset'"):
         read(tmp_path, hf=HFSource(path="no/such-dataset"))
+
+
+def write_shards(folder: Path, records: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (folder / "shards").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(records[:6]), folder / "shards" / "a.parquet")
+    pq.write_table(pa.Table.from_pylist(records[6:]), folder / "shards" / "b.parquet")
+
+
+def test_hf_builder_name_reads_files_relative_to_the_recipe(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`hf: {path: parquet, data_files: ...}`: the files are found from the recipe's folder, not
+    the working directory, and their content is in the fingerprint (as a path source's is)."""
+    project = tmp_path / "project"
+    write_shards(project, RECORDS)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    source = SourceConfig(name="s", hf=HFSource(path="parquet", data_files="shards/*.parquet"))
+    assert list(read_documents(source, project)) == TEXTS
+    fp = fingerprint_source(source, project, None)
+    write_shards(project, RECORDS[:9])  # b.parquet shrinks from 6 records to 3
+    assert fingerprint_source(source, project, None) != fp
+    assert list(read_documents(source, project)) == TEXTS[:9]
+
+
+def test_hf_builder_name_with_a_glob_that_matches_nothing(tmp_path: Path) -> None:
+    source = SourceConfig(name="s", hf=HFSource(path="parquet", data_files="shards/*.parquet"))
+    for call in (lambda: fingerprint_source(source, tmp_path, None),
+                 lambda: list(read_documents(source, tmp_path))):
+        with pytest.raises(DataError, match=r"hf.data_files 'shards/\*\.parquet' matches no "
+                                            r"file \(looked for .*recipe's folder") as err:
+            call()
+        assert "HF_HUB_OFFLINE" not in str(err.value)
+    with pytest.raises(DataError, match=r"set hf.data_files"):
+        list(read_documents(SourceConfig(name="s", hf=HFSource(path="json")), tmp_path))
 
 
 def test_fingerprint_follows_content_not_location(tmp_path: Path) -> None:

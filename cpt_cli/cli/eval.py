@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -67,13 +68,13 @@ def eval_command(
         report = evaluate(path, data=files or None, base=base, batch_tokens=batch_tokens,
                           bootstrap_samples=bootstrap, lm_eval_tasks=tasks,
                           lm_eval_include=lm_eval_include, lm_eval_limit=lm_eval_limit)
-        if plot is not None:
-            from cpt_cli.evaluation.plotting import plot_run
-            plot_run(path, report, plot)
         if json_out:
             print_json(report)
         else:
             render.forgetting(report, Console(width=max(120, Console().width)))
+        if plot is not None:  # after the table: a write that still fails loses no figure
+            from cpt_cli.evaluation.plotting import plot_run
+            plot_run(path, report, plot)
         worst = report["summary"]["max_forgetting_bpb"]
         if max_forgetting is not None and worst is None:
             # A gate with nothing to compare would pass whatever the model forgot.
@@ -97,7 +98,6 @@ def _check_options(max_forgetting: float | None, batch_tokens: int, bootstrap: i
     """Refuse, before any model loads, the option values that could only fail later or mean
     nothing (a nan budget would never trip)."""
     import math
-    from pathlib import Path
 
     if max_forgetting is not None and not (math.isfinite(max_forgetting) and max_forgetting >= 0):
         raise UsageError(f"--max-forgetting {max_forgetting}: must be a finite number of bits "
@@ -116,3 +116,21 @@ def _check_options(max_forgetting: float | None, batch_tokens: int, bootstrap: i
         if not target.parent.is_dir():
             raise UsageError(f"--plot {plot}: the folder {target.parent} does not exist; create "
                              "it first")
+        _check_writable(plot, target)
+
+
+def _check_writable(plot: str, target: Path) -> None:
+    """Write a probe file beside the plot (and remove it): the one test that holds for every
+    reason a write fails (permissions, a read-only mount, root on /sys), so that the evaluation,
+    minutes on a large model, is not run for a plot that cannot be saved."""
+    import os
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".cpt-plot-", suffix=".png"):
+            pass
+        if target.exists() and not os.access(target, os.W_OK):
+            raise PermissionError(13, "the file is read-only")
+    except OSError as err:
+        raise UsageError(f"--plot {plot}: cannot write there ({err.strerror or err}); name a PNG "
+                         "file in a folder you can write to") from None

@@ -7,6 +7,8 @@ is extracted, and the tokenizer):
                    uint32), no separators: EOS is added when packing
     offsets.npy    int64, documents + 1 entries: document i is tokens[offsets[i]:offsets[i+1]]
     hashes.npy     uint64 hash of each document's whitespace-normalized text (holdout, dedup)
+    records.npy    uint64 hash of each document's record before templating (the fields its text
+                   is made of): what identifies a held-out record under another template
     nbytes.npy     UTF-8 bytes of each document
     pool.jsonl     the documents with the smallest hashes, with their text: the held-out
                    candidates (`holdout_pool_tokens` of them), so holding out never re-reads
@@ -14,14 +16,18 @@ is extracted, and the tokenizer):
                    entry is complete
 
 Entries are built in a temporary folder and renamed into place, so a crash never leaves a
-half-written entry that a later run would trust. As in nanoGPT, training reads `tokens.bin` with
-`np.memmap`: the corpus never has to fit in memory.
+half-written entry that a later run would trust; the builder holds a lock on the folder's
+`.owner` file, so the folder of a killed build is known as such and removed by the next prepare.
+As in nanoGPT, training reads `tokens.bin` with `np.memmap`: the corpus never has to fit in
+memory.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import heapq
+import importlib.util
 import json
 import os
 import shutil
@@ -37,7 +43,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from cpt_cli.config import SourceConfig
-from cpt_cli.data.sources import ReadStats, fingerprint_source, read_documents
+from cpt_cli.data.sources import ReadStats, fingerprint_source, read_documents, source_bytes
 from cpt_cli.errors import DataError
 
 CACHE_VERSION = "cpt-cache-1"
@@ -47,6 +53,9 @@ _BATCH_CHARS = 4_000_000
 _FIRST_BATCH_CHARS = 250_000
 _BATCH_DOCS = 4096
 DEFAULT_POOL_TOKENS = 1_000_000
+# The held-out pool's text, at most: 1M tokens of about 4 bytes each.
+_POOL_BYTES = 4 * DEFAULT_POOL_TOKENS
+_HAS_FLOCK = importlib.util.find_spec("fcntl") is not None  # POSIX; elsewhere no clean-up
 
 
 def default_cache_dir() -> Path:
@@ -78,6 +87,7 @@ class TokenizedSource:
     offsets: np.ndarray
     hashes: np.ndarray
     nbytes: np.ndarray
+    records: np.ndarray
 
     @property
     def num_documents(self) -> int:
@@ -118,11 +128,14 @@ def open_entry(path: Path, name: str) -> TokenizedSource:
         entry = TokenizedSource(name=name, key=path.name, path=path, meta=meta, tokens=tokens,
                                 offsets=np.load(path / "offsets.npy"),
                                 hashes=np.load(path / "hashes.npy"),
-                                nbytes=np.load(path / "nbytes.npy"))
+                                nbytes=np.load(path / "nbytes.npy"),
+                                # An entry from before records.npy is rebuilt, with the same key.
+                                records=np.load(path / "records.npy"))
     except (OSError, ValueError, KeyError, TypeError, EOFError) as err:
         raise DamagedEntry(f"{path}: {err}") from None
     docs = len(entry.hashes)
     if len(entry.offsets) != docs + 1 or len(entry.nbytes) != docs or \
+            len(entry.records) != docs or \
             (docs and int(entry.offsets[-1]) != n):
         raise DamagedEntry(f"{path}: its files disagree on the number of documents")
     return entry
@@ -148,13 +161,34 @@ def prepare_source(source: SourceConfig, base_dir: str | Path, tokenizer: PreTra
         # Entries appear by rename with meta.json inside, so a folder without it is debris (a
         # removal cut short, a copy by hand): never trusted, and in the way of the rename.
         shutil.rmtree(target, ignore_errors=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{source.name}-{key}."))
     try:
+        _build_entry(target, source, base_dir, tokenizer, pool_tokens, progress,
+                     content_fp=content_fp, tokenizer_fp=tokenizer_fp)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DataError(_full_disk_message(source, base_dir, cache_dir, err)) from None
+    return open_entry(target, source.name)
+
+
+def _build_entry(target: Path, source: SourceConfig, base_dir: str | Path,
+                 tokenizer: PreTrainedTokenizerBase, pool_tokens: int,
+                 progress: Callable[[int, int], None] | None, *, content_fp: str,
+                 tokenizer_fp: str) -> None:
+    """Tokenize into a temporary folder beside `target`, renamed into place when complete: a
+    failure (a full disk, a kill) never leaves a half-written entry that a later run trusts."""
+    key = target.name.removeprefix(f"{source.name}-")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target.parent)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{source.name}-{key}."))
+    owner = None
+    try:
+        owner = _own(tmp)
         meta = _tokenize_into(tmp, source, base_dir, tokenizer, pool_tokens, progress)
         meta.update(source=source.name, key=key, content_fingerprint=content_fp,
                     tokenizer_fingerprint=tokenizer_fp, version=CACHE_VERSION)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        (tmp / OWNER).unlink(missing_ok=True)  # not part of the entry; the lock stays held
         try:
             os.replace(tmp, target)
         except OSError:
@@ -163,7 +197,80 @@ def prepare_source(source: SourceConfig, base_dir: str | Path, tokenizer: PreTra
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return open_entry(target, source.name)
+        if owner is not None:
+            os.close(owner)
+
+
+def _full_disk_message(source: SourceConfig, base_dir: str | Path, cache_dir: Path,
+                       err: OSError) -> str:
+    """What a full cache disk needs: the entry's size, estimated from the source's. Token files
+    take 0.5 to 1 byte per byte of text (2 or 4 bytes a token, about 4 characters a token), and
+    the held-out pool holds up to 4 MB of the text itself: about the source's size, plus the
+    pool. (More for a compressed source, whose text is larger than its files.)"""
+    size = source_bytes(source, base_dir)
+    need = f"about {_bytes(size + min(size, _POOL_BYTES))}" if size is not None else \
+        "about as much as the dataset's text (0.5 to 1 byte per byte, plus 4 MB)"
+    try:
+        free = f"{_bytes(shutil.disk_usage(cache_dir).free)} free"
+    except OSError:
+        free = "free space unknown"
+    return (f"the tokenization cache {cache_dir} is full ({err.strerror or err}) while "
+            f"tokenizing source {source.name!r}: its entry needs {need} ({free}); nothing was "
+            "kept of it. Free space there, or point data.cache_dir (or $CPT_CACHE) at a disk "
+            "with room.")
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n / 1e3:,.0f} kB"
+
+
+# How a temporary entry says who builds it: a file inside it, exclusively flock'ed by the
+# building process for as long as it writes. The kernel drops the lock when that process dies
+# (SIGKILL included), so a lock that can be taken means the builder is gone: unlike a recorded
+# pid, it cannot be confused with a later process given the same number.
+OWNER = ".owner"
+
+
+def _own(tmp: Path) -> int | None:
+    """Lock `tmp/.owner` (holding this process's id, for a person looking); the descriptor to
+    close when done, or None where flock does not exist."""
+    if not _HAS_FLOCK:
+        return None
+    import fcntl
+
+    fd = os.open(tmp / OWNER, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a folder just made: no one else has it
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def remove_stale_temporaries(tokens_dir: Path) -> list[Path]:
+    """Remove the temporary folders (`.NAME-KEY.xxxx`) of builds whose process died (a SIGKILL
+    during `cpt data prepare` leaves one, as large as the entry was when killed); leave those of
+    a live process, and those without an owner file (just made, or by an older cpt). Returns
+    what was removed."""
+    removed: list[Path] = []
+    if not _HAS_FLOCK:
+        return removed
+    import fcntl
+
+    for folder in tokens_dir.glob(".*"):
+        try:
+            fd = os.open(folder / OWNER, os.O_RDONLY)
+        except OSError:
+            continue  # no owner file: being set up, finished, or not ours to judge
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its builder is alive
+        finally:
+            os.close(fd)
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
 
 
 def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
@@ -193,6 +300,8 @@ def _tokenize_into(folder: Path, source: SourceConfig, base_dir: str | Path,
     offsets: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
     hashes: list[np.ndarray] = []
     nbytes: list[np.ndarray] = []
+    records: list[np.ndarray] = []
+    identities: list[int] = []  # read ahead of the batch being written: this one's come first
     # Max-heap (by hash, negated) of the smallest-hash documents: the held-out candidates.
     pool: list[tuple[int, int, int, str]] = []
     pool_total = 0
@@ -207,7 +316,7 @@ def _tokenize_into(folder: Path, source: SourceConfig, base_dir: str | Path,
 
     with open(folder / "tokens.bin", "wb") as out, ThreadPoolExecutor(max_workers=1) as pool_ex:
         pending = None
-        batches = _batches(read_documents(source, base_dir, stats))
+        batches = _batches(read_documents(source, base_dir, stats, identities))
         while True:
             nxt = next(batches, None)
             future = pool_ex.submit(encode, nxt) if nxt is not None else None
@@ -225,6 +334,8 @@ def _tokenize_into(folder: Path, source: SourceConfig, base_dir: str | Path,
                 hashes.append(batch_hashes)
                 nbytes.append(np.fromiter((len(t.encode("utf-8")) for t in texts),
                                           dtype=np.int64, count=len(texts)))
+                records.append(np.asarray(identities[:len(texts)], dtype=np.uint64))
+                del identities[:len(texts)]
                 for j, text in enumerate(texts):
                     h = int(batch_hashes[j])
                     if pool_total >= pool_tokens and -pool[0][0] < h:
@@ -247,6 +358,7 @@ def _tokenize_into(folder: Path, source: SourceConfig, base_dir: str | Path,
     np.save(folder / "offsets.npy", np.concatenate(offsets))
     np.save(folder / "hashes.npy", np.concatenate(hashes))
     np.save(folder / "nbytes.npy", np.concatenate(nbytes))
+    np.save(folder / "records.npy", np.concatenate(records))
     with open(folder / "pool.jsonl", "w", encoding="utf-8") as fh:
         for neg_h, index, length, text in sorted(pool, key=lambda item: (-item[0], item[1])):
             fh.write(json.dumps({"index": index, "hash": -neg_h, "tokens": length,

@@ -154,9 +154,18 @@ def _carve_holdout(domain: Domain, budget: int) -> np.ndarray:
             break
         chosen.append(doc)
         total += doc["tokens"]
-    domain.heldout = [{"text": d["text"], "hash": d["hash"], "tokens": d["tokens"]}
-                      for d in chosen]
+    domain.heldout = [{"text": d["text"], "hash": d["hash"], "tokens": d["tokens"],
+                       "record": int(domain.entry.records[d["index"]])} for d in chosen]
     return np.asarray([d["index"] for d in chosen], dtype=np.int64)
+
+
+def _recorded_heldout(entry: TokenizedSource, heldout: list[dict[str, Any]]) -> np.ndarray:
+    """Which documents of `entry` are a lineage domain's held-out set: the same text, or the
+    same record under another rendering (a redefined template), by the record identity the set
+    was recorded with (held-out sets from before it have none: text alone)."""
+    texts = np.asarray([h["hash"] for h in heldout], dtype=np.uint64)
+    records = np.asarray([h["record"] for h in heldout if "record" in h], dtype=np.uint64)
+    return np.isin(entry.hashes, texts) | np.isin(entry.records, records)
 
 
 def _count_tokens(tokenizer: PreTrainedTokenizerBase, docs: list[dict[str, Any]]) -> None:
@@ -285,7 +294,7 @@ def _reuse_holdout(d: Domain, source: LineageSource, tokenizer: PreTrainedTokeni
     d.heldout = read_heldout(source.heldout_file)
     _count_tokens(tokenizer, d.heldout)
     d.heldout_recorded = True
-    held = np.isin(d.entry.hashes, np.asarray([h["hash"] for h in d.heldout], dtype=np.uint64))
+    held = _recorded_heldout(d.entry, d.heldout)
     d.train_docs = np.arange(d.entry.num_documents, dtype=np.int64)[~held]
     if not held.any() and d.heldout:
         warnings.append(
@@ -337,7 +346,10 @@ def batch_geometry(recipe: Recipe, num_processes: int) -> BatchGeometry:
 
 
 def plan_data(recipe: Recipe, data: PreparedData, num_processes: int = 1) -> PreparedData:
-    """Build the packed streams and the mixture plan for the recipe's token budget."""
+    """Build the packed streams and the mixture plan for the recipe's token budget. The plan's
+    `warnings` are the one list every planning command prints (`cpt mix inspect`, `cpt train`):
+    those of preparing the data (a source named like a lineage domain, a domain left unscored)
+    followed by those of the plan (a source repeated more than 4 times, or given no sequence)."""
     global_batch, _, steps = recipe.batch_geometry(num_processes)
     L = recipe.data.seq_len
     eos = data.tokenizer.eos_token_id

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import string
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -26,6 +27,9 @@ from cpt_cli.config import SourceConfig
 from cpt_cli.errors import DataError, offline_note
 
 RECORD_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv", ".arrow"}
+# The `datasets` builders that read text records from data files (`hf: {path: parquet,
+# data_files: ...}`): their data files are on this machine, so they are resolved and hashed.
+FILE_BUILDERS = {"json", "csv", "parquet", "arrow", "text", "pandas", "xml", "webdataset"}
 # Files `datasets.Dataset.save_to_disk` writes next to its .arrow shards: metadata, not records.
 _SAVED_DATASET_META = {"state.json", "dataset_info.json", "dataset_dict.json"}
 # A plain-text file with a NUL byte in its first 8 KiB is binary (git uses the same rule).
@@ -102,7 +106,9 @@ def _text_of(source: SourceConfig, record: Any, where: str) -> str:
                          "or template for this source.")
     text = record[source.text_field]
     if text is None:
-        return ""
+        # A null is a missing value, like a number or a list in its place: an error, or counted
+        # under "not text" with on_error: skip; never dropped unseen as an empty document.
+        raise ValueError(f"{where}: field {source.text_field!r} is null, not text")
     if not isinstance(text, str):
         raise ValueError(f"{where}: field {source.text_field!r} holds a value of type "
                          f"{type(text).__name__}, not text")
@@ -137,7 +143,7 @@ def _records_json(path: Path) -> Iterator[tuple[str, Any]]:
     with _open_binary(path) as fh:
         raw = fh.read()
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = json.loads(raw.decode("utf-8-sig"))  # a byte-order mark is not part of the JSON
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":
             # Many corpora name JSON Lines files .json (the Hub's own loader accepts both).
@@ -159,7 +165,9 @@ def _records_json(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _records_csv(path: Path) -> Iterator[tuple[str, Any]]:
-    with io.TextIOWrapper(_open_binary(path), encoding="utf-8", errors="strict",
+    # utf-8-sig: a byte-order mark (Excel writes one) would otherwise be part of the first
+    # column's name, "\ufefftext", and text_field: text would not find it.
+    with io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig", errors="strict",
                           newline="") as fh:
         reader = csv.DictReader(fh)
         try:
@@ -205,7 +213,8 @@ def _records_plain(path: Path, shown: str) -> Iterator[tuple[str, Any]]:
                                     "narrow the glob")
         return
     try:
-        yield str(path), PlainFile(shown, raw.decode("utf-8"))
+        # utf-8-sig: a byte-order mark is an encoding mark, not the document's first character.
+        yield str(path), PlainFile(shown, raw.decode("utf-8-sig"))
     except UnicodeDecodeError as err:
         yield str(path), ValueError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})")
 
@@ -230,6 +239,37 @@ def file_records(path: Path, shown: str) -> Iterator[tuple[str, Any]]:
     return _records_plain(path, shown)
 
 
+def builder_data_files(source: SourceConfig, base_dir: str | Path) -> list[str] | None:
+    """For a builder name as `hf.path` (`hf: {path: parquet, data_files: shards/*.parquet}`):
+    the files `data_files` names, resolved against the recipe's folder, sorted, remote URLs kept
+    as given; None for any other `hf` source. `datasets` would resolve them against the working
+    directory, so the same recipe would read other files (or none) from elsewhere; and a glob
+    that matches nothing is this error, not a dataset that "failed to load" offline."""
+    spec = source.hf
+    assert spec is not None
+    if spec.path not in FILE_BUILDERS or (Path(base_dir) / spec.path).exists():
+        return None
+    if spec.data_files is None:
+        raise DataError(f"source {source.name!r}: hf.path {spec.path!r} is the `datasets` "
+                        "builder for local files: set hf.data_files to the files to read "
+                        "(globs relative to the recipe's folder)")
+    patterns = [spec.data_files] if isinstance(spec.data_files, str) else list(spec.data_files)
+    files: list[str] = []
+    for pattern in patterns:
+        if "://" in pattern:  # hf://, https://: read by datasets, fingerprinted by the spec
+            files.append(pattern)
+            continue
+        expanded = os.path.expanduser(pattern)
+        full = expanded if os.path.isabs(expanded) else os.path.join(str(base_dir), expanded)
+        matches = match_files(full)
+        if not matches:
+            raise DataError(f"source {source.name!r}: hf.data_files {pattern!r} matches no file "
+                            f"(looked for {full}). Check the glob; relative paths start at the "
+                            "recipe's folder.")
+        files.extend(str(m) for m in matches)
+    return sorted(set(files))
+
+
 def _hf_records(source: SourceConfig, base_dir: str | Path) -> Iterator[tuple[str, Any]]:
     import datasets
 
@@ -239,6 +279,7 @@ def _hf_records(source: SourceConfig, base_dir: str | Path) -> Iterator[tuple[st
     local = Path(base_dir) / path if not os.path.isabs(path) else Path(path)
     if local.exists():
         path = str(local)
+    data_files = builder_data_files(source, base_dir)
     try:
         if local.is_dir() and ((local / "state.json").is_file() or
                                (local / "dataset_dict.json").is_file()):
@@ -248,7 +289,8 @@ def _hf_records(source: SourceConfig, base_dir: str | Path) -> Iterator[tuple[st
                 ds = ds[spec.split]
         else:
             ds = datasets.load_dataset(path, spec.name, split=spec.split,
-                                       revision=spec.revision, data_files=spec.data_files,
+                                       revision=spec.revision,
+                                       data_files=data_files or spec.data_files,
                                        streaming=spec.streaming)
     except Exception as err:  # noqa: BLE001 - datasets raises many kinds, all user-facing here
         raise DataError(f"source {source.name!r}: could not load Hugging Face dataset "
@@ -260,10 +302,37 @@ def _hf_records(source: SourceConfig, base_dir: str | Path) -> Iterator[tuple[st
         yield f"{spec.path}[{spec.split}][{i}]", record
 
 
+def identity_fields(source: SourceConfig) -> list[str]:
+    """The record fields a source's text is made of: its template's fields, else `text_field`
+    (`text` for a plain file)."""
+    if source.template is None:
+        return [source.text_field]
+    return sorted({name for _, name, _, _ in string.Formatter().parse(source.template)
+                   if name})
+
+
+def record_identity(fields: list[str], record: Any) -> int:
+    """64-bit hash of a record's `fields` (names and whitespace-normalized values), before any
+    template: the same question-and-answer pair under "Question: {question}" and "Q:
+    {question}" is one record, so a later stage that renders it anew still knows it as
+    held out."""
+    if isinstance(record, PlainFile):
+        record = {"text": record.text, "path": record.path}
+    values = []
+    for name in fields:
+        value = record.get(name) if isinstance(record, dict) else None
+        values.append([name, " ".join(value.split()) if isinstance(value, str) else value])
+    payload = json.dumps(values, ensure_ascii=False, default=str).encode("utf-8")
+    return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little")
+
+
 def read_documents(source: SourceConfig, base_dir: str | Path,
-                   stats: ReadStats | None = None) -> Iterator[str]:
-    """Every document of `source` in a fixed order, as text, filtered by `min_chars`."""
+                   stats: ReadStats | None = None,
+                   identities: list[int] | None = None) -> Iterator[str]:
+    """Every document of `source` in a fixed order, as text, filtered by `min_chars`. With
+    `identities`, each yielded document's `record_identity` is appended to it."""
     stats = stats if stats is not None else ReadStats()
+    fields = identity_fields(source)
     if source.hf is not None:
         streams = [_hf_records(source, base_dir)]
     else:
@@ -289,6 +358,8 @@ def read_documents(source: SourceConfig, base_dir: str | Path,
                 stats.skipped["empty" if not text.strip() else "shorter than min_chars"] += 1
                 continue
             stats.documents += 1
+            if identities is not None:
+                identities.append(record_identity(fields, record))
             yield text
 
 
@@ -321,11 +392,18 @@ def _reason(message: str) -> str:
 
 
 def fingerprint_source(source: SourceConfig, base_dir: str | Path, memo_dir: Path | None) -> str:
-    """A hash of what the source reads: file contents (memoized by size and mtime) or the
-    dataset spec (pin `hf.revision` to make a Hub source's fingerprint mean its content)."""
+    """A hash of what the source reads: file contents (memoized by size and mtime; for `hf`, those
+    of a local dataset folder or of a builder's data files) and the dataset spec (pin
+    `hf.revision` to make a Hub source's fingerprint mean its content)."""
     h = hashlib.sha256()
     if source.hf is not None:
         h.update(json.dumps(dataclasses.asdict(source.hf), sort_keys=True).encode())
+        for name in builder_data_files(source, base_dir) or []:
+            # The files a builder reads, like a path source's: a shard that changes or shrinks
+            # makes a new entry instead of the cache serving its old tokens.
+            if "://" not in name:
+                h.update(_relative(Path(name), base_dir).encode())
+                h.update(_file_digest(Path(name), memo_dir).encode())
         local = Path(base_dir) / source.hf.path
         if local.is_dir():
             for p in sorted(q for q in local.rglob("*") if q.is_file()):
@@ -336,6 +414,23 @@ def fingerprint_source(source: SourceConfig, base_dir: str | Path, memo_dir: Pat
         h.update(_relative(p, base_dir).encode())
         h.update(_file_digest(p, memo_dir).encode())
     return h.hexdigest()
+
+
+def source_bytes(source: SourceConfig, base_dir: str | Path) -> int | None:
+    """The size on disk of what the source reads, or None when it is not on this machine (a Hub
+    dataset): the estimate behind a full cache disk's message."""
+    try:
+        if source.hf is None:
+            return sum(p.stat().st_size for p in expand_paths(source, base_dir))
+        files = builder_data_files(source, base_dir)
+        if files is not None:
+            return sum(Path(f).stat().st_size for f in files if "://" not in f)
+        local = Path(base_dir) / source.hf.path
+        if local.is_dir():
+            return sum(p.stat().st_size for p in local.rglob("*") if p.is_file())
+    except (OSError, DataError):
+        pass
+    return None
 
 
 def _file_digest(path: Path, memo_dir: Path | None) -> str:

@@ -58,5 +58,11 @@ def plot_run(path: str | Path, report: dict[str, Any], out: str | Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(str(out), dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(str(out), dpi=120)
+    except OSError as err:  # checked before the evaluation, but a disk can fill meanwhile
+        Path(out).unlink(missing_ok=True)  # a PNG cut short is no plot
+        raise UsageError(f"--plot {out}: could not write it ({err.strerror or err}); the table "
+                         "above holds the figures. Free space or pick another file.") from None
+    finally:
+        plt.close(fig)

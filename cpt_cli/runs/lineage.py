@@ -91,7 +91,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 def read_heldout(path: Path) -> list[dict[str, Any]]:
-    """A held-out set (JSON Lines: text, hash, tokens per document)."""
+    """A held-out set (JSON Lines: text, hash, tokens and record per document; `record`, the
+    identity of the record before templating, is absent from sets written before it)."""
     try:
         with open(path, encoding="utf-8") as fh:
             return [json.loads(line) for line in fh if line.strip()]

@@ -36,6 +36,10 @@ class TrainDisplay:
             self.console.print(f"[dim]{message}[/dim]" if self.live else message,
                                highlight=False)
 
+    def warning(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+
     def data_progress(self, source: str, documents: int, tokens: int) -> None:
         if not self.enabled:
             return

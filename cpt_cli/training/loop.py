@@ -315,6 +315,8 @@ def _train(recipe: Recipe, signals: _Signals, cleanup: contextlib.ExitStack, *,
     # Rank 0 fills the cache; the others then read it. The plan is the same on every process.
     data = plan_data(recipe, _main_first(accelerator, lambda: prepare_data(
         recipe, progress=display.data_progress)), P)
+    for warning in data.plan.warnings:  # the plan's one list, as `cpt mix inspect` shows it
+        display.warning(warning)
     _, accum, steps = batch_geometry(recipe, P)
     deepspeed = _is_deepspeed(accelerator)
     if deepspeed:
