@@ -8,13 +8,13 @@ import typer
 from rich.console import Console
 
 from cpt_cli.cli.application import data_app, print_json, run_guarded
-from cpt_cli.cli.options import Json, Overrides, RecipePath
+from cpt_cli.cli.options import Flag, Help, Json, Overrides, RecipePath
 from cpt_cli.errors import UsageError
 
 
 @data_app.command("prepare")
-def prepare_command(recipe: RecipePath, overrides: Overrides = None, json_out: Json = False
-                    ) -> None:
+def prepare_command(recipe: RecipePath, overrides: Overrides = None, json_out: Json = False,
+                    help_: Help = False) -> None:
     """Tokenize every source into the cache ahead of training (once per cluster)."""
     from cpt_cli.config import load_recipe
     from cpt_cli.data.prepare import prepare_data
@@ -56,7 +56,9 @@ def prepare_command(recipe: RecipePath, overrides: Overrides = None, json_out: J
 def quickstart_command(
     out_dir: Annotated[str, typer.Argument(help="Folder for code.jsonl, prose.jsonl, qa.jsonl")]
     = "data/quickstart",
-    force: Annotated[bool, typer.Option("--force", help="Rebuild even if present.")] = False,
+    force: Annotated[bool, typer.Option("--force", metavar=Flag,
+                                        help="Rebuild even if present.")] = False,
+    help_: Help = False,
 ) -> None:
     """Build the quickstart corpus from the Python installation (no download)."""
     from cpt_cli.data.corpus import build_quickstart_corpus

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 
 from cpt_cli.cli.application import app, print_json, run_guarded
-from cpt_cli.cli.options import Json
+from cpt_cli.cli.options import Help, Json
 from cpt_cli.errors import UsageError
 
 
@@ -21,7 +21,8 @@ def eval_command(
                        "source reads; records by their text field) as domain NAME instead of the "
                        "lineage's held-out sets. Repeatable.")] = None,
     base: Annotated[str | None, typer.Option(
-        "--base", help="Start model to compare against (default: the run's own start).")] = None,
+        "--base", help="Start model to compare against (default: the start model of the run's "
+                       "lineage, whose figures training cached; with --data, none).")] = None,
     max_forgetting: Annotated[float | None, typer.Option(
         "--max-forgetting", help="Exit with status 1 when a retained domain's delta bpb exceeds "
                                  "this.")] = None,
@@ -39,6 +40,7 @@ def eval_command(
     lm_eval_limit: Annotated[int | None, typer.Option(
         "--lm-eval-limit", help="At most this many examples per task.")] = None,
     json_out: Json = False,
+    help_: Help = False,
 ) -> None:
     """Per-domain loss, perplexity and bits per byte against the start model: the forgetting
     table."""

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 
 from cpt_cli.cli.application import mix_app, print_json, run_guarded
-from cpt_cli.cli.options import Json, Overrides, RecipePath
+from cpt_cli.cli.options import Help, Json, Overrides, RecipePath
 
 
 @mix_app.command("inspect")
@@ -22,6 +22,7 @@ def inspect_command(
         help="Plan for this many processes (default: launch.num_processes)."
     )] = None,
     json_out: Json = False,
+    help_: Help = False,
 ) -> None:
     """The mixture plan before any training: tokens, shares, epochs, replay, packing."""
     from cpt_cli.cli import render
