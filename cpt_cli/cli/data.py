@@ -20,25 +20,15 @@ def prepare_command(recipe: RecipePath, overrides: Overrides = None, json_out: J
     from cpt_cli.data.prepare import prepare_data
 
     def body() -> None:
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from cpt_cli.training.display import TrainDisplay
 
         loaded = load_recipe(recipe, overrides or [])
         console = Console(stderr=True)
-        # A live line per source being tokenized (sources already cached report nothing), on a
-        # terminal only: CI logs get the summary lines below.
-        bar = Progress(SpinnerColumn(), TextColumn("tokenizing [bold]{task.description}"),
-                       TextColumn("{task.fields[documents]:>10,} documents"),
-                       TextColumn("{task.fields[tokens]:>14,} tokens"), TimeElapsedColumn(),
-                       console=console, disable=not console.is_terminal)
-        tasks: dict[str, object] = {}
-
-        def report(source: str, documents: int, tokens: int) -> None:
-            if source not in tasks:
-                tasks[source] = bar.add_task(source, total=None, documents=0, tokens=0)
-            bar.update(tasks[source], documents=documents, tokens=tokens)  # type: ignore[arg-type]
-
-        with bar:
-            data = prepare_data(loaded, progress=report)
+        display = TrainDisplay(console=console)
+        try:
+            data = prepare_data(loaded, progress=display.data_progress)
+        finally:
+            display.stop()
         rows = [{"name": d.name, "role": d.role, "documents": d.entry.num_documents,
                  "tokens": d.entry.num_tokens, "cache": str(d.entry.path),
                  "skipped": d.entry.meta["skipped"]} for d in data.domains if d.entry]

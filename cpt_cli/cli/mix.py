@@ -30,8 +30,16 @@ def inspect_command(
     from cpt_cli.inspection import inspect_mix
 
     def body() -> None:
+        from cpt_cli.data.prepare import prepare_data
+        from cpt_cli.training.display import TrainDisplay
+
         loaded = load_recipe(recipe, overrides or [])
-        result = inspect_mix(loaded, samples=samples, num_processes=num_processes)
+        display = TrainDisplay(console=Console(stderr=True))
+        try:
+            data = prepare_data(loaded, progress=display.data_progress)
+        finally:
+            display.stop()
+        result = inspect_mix(loaded, samples=samples, num_processes=num_processes, data=data)
         if json_out:
             print_json(result)
         else:
