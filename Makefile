@@ -12,10 +12,18 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+# Two steps in one venv: the demo needs cpt's runtime dependencies and matplotlib (the `plot`
+# extra) alone; the tests add the `dev` extra (lm-evaluation-harness, DeepSpeed, pytest, ruff),
+# about 3 of the 5 minutes a first `make setup` took on a 2-core machine. `make test` after
+# `make demo` installs only what the first step left out.
 # A CPU torch where none is installed: torch==2.13.0 installs from this machine's disk; an
 # unpinned torch would pull a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.runtime: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[plot]"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.runtime
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
@@ -25,7 +33,7 @@ setup: $(VENV)/.installed
 # the demo trains eagerly (the same results to 0.0001 bits per byte, steps about 1.2x slower).
 COMPILE := $(shell (command -v $${CXX:-g++} || command -v clang++ || command -v c++) >/dev/null 2>&1 && echo true || echo false)
 
-demo: setup
+demo: $(VENV)/.runtime
 	$(BIN)/python -m cpt_cli data quickstart data/quickstart
 	$(BIN)/python -m cpt_cli train recipes/quickstart/base.yaml --overwrite train.compile=$(COMPILE)
 	$(BIN)/python -m cpt_cli train recipes/quickstart/cpt.yaml --overwrite train.compile=$(COMPILE)
@@ -47,7 +55,7 @@ bench: setup
 	$(BIN)/python bench/cpu_train.py
 	$(BIN)/python bench/eval_speed.py
 
-docs: setup
+docs: $(VENV)/.runtime
 	$(BIN)/python -m cpt_cli.docgen
 
 clean:

@@ -293,7 +293,7 @@ def cli_commands() -> list[tuple[str, Any]]:
 def command_options(command: Any) -> list[str]:
     """Every option string of a command (`--json`, `--resume`, ...), `--help` included."""
     opts = [o for p in command.params for o in getattr(p, "opts", []) if o.startswith("-")]
-    return opts + ["--help"]
+    return [o for o in opts if o != "--help"] + ["--help"]
 
 
 def _usage(name: str, command: Any) -> str:
@@ -317,6 +317,8 @@ def render_cli() -> str:
                   _usage(name, command), "```", "",
                   "| argument / option | description | default |", "| --- | --- | --- |"]
         for p in command.params:
+            if "--help" in getattr(p, "opts", []):
+                continue  # the row below, worded for the page
             if p.param_type_name == "argument":
                 label = f"`{p.name.upper()}`" + (" (repeatable)" if p.nargs == -1 else "")
                 default = "required" if p.required else "-"

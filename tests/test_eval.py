@@ -96,11 +96,12 @@ def _independent_nll(model_dir: Path, texts: list[str]) -> tuple[float, int, int
 
 
 def test_eval_data_agrees_with_plain_forward(two_stage: dict[str, Path], tmp_path: Path) -> None:
-    # All shorter than the 128-token context, so one plain forward pass scores each exactly.
+    # All shorter than the 128-token context, so one plain forward pass scores each exactly in
+    # a window of that size (by default the window is the 64 tokens the run trained on).
     texts = ["naïve café — ünïcode text, scored on its own.", CODE[3], PROSE[5] + " " + PROSE[6]]
     data = _write_jsonl(tmp_path / "hidden.jsonl", texts)
     result = runner.invoke(app, ["eval", str(two_stage["final2"]), "--data", f"hidden={data}",
-                                 "--json"])
+                                 "--max-length", "128", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     (row,) = report["domains"]
@@ -445,3 +446,53 @@ def test_a_source_redefined_under_its_name_is_still_known_as_trained(
     # Held-out sets take the documents of smallest hash: stage 1's own (600 tokens, never
     # trained), then, for 1,000 tokens, documents stage 1 trained on, which must be dropped.
     assert row["dropped_duplicates"] > 0, row
+
+
+def test_disjoint_windows_match_lm_eval_rolling_loglikelihood(two_stage: dict[str, Path],
+                                                               tmp_path: Path) -> None:
+    pytest.importorskip("lm_eval", reason="the lm-eval extra is optional; CI installs it")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer
+
+    model_dir = two_stage["final2"]
+    # Documents several windows long (the run trained on 64-token sequences), one shorter.
+    texts = [" ".join(PROSE[i:i + 6]) for i in (0, 10, 20)] + ["\n".join(CODE[:5]), PROSE[40]]
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    assert max(lengths) > 3 * 64 and min(lengths) < 64
+    lm = HFLM(pretrained=str(model_dir), device="cpu", batch_size=4, dtype="float32",
+              max_length=64)
+    requests = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(t,), idx=i)
+                for i, t in enumerate(texts)]
+    loglik = sum(lm.loglikelihood_rolling(requests, disable_tqdm=True))
+    lm_eval_bpb = -loglik / (sum(len(t.encode("utf-8")) for t in texts) * math.log(2))
+
+    data = _write_jsonl(tmp_path / "long.jsonl", texts)
+    scored = {}
+    for stride in ("disjoint", None):
+        args = ["eval", str(model_dir), "--data", f"long={data}", "--json", "--bootstrap", "0"]
+        result = runner.invoke(app, args + (["--stride", stride] if stride else []))
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["window"]["max_length"] == 64  # the run's data.seq_len, by default
+        scored[stride] = report["domains"][0]["bpb"]
+    assert scored["disjoint"] == pytest.approx(lm_eval_bpb, abs=1e-4)
+    # Overlapping windows give each later token more context than lm-eval's disjoint ones.
+    assert scored[None] < scored["disjoint"]
+
+
+def test_window_options_are_checked(two_stage: dict[str, Path], tmp_path: Path) -> None:
+    data = _write_jsonl(tmp_path / "one.jsonl", [PROSE[0]])
+    final = str(two_stage["final2"])
+    for args, message in [(["--max-length", "0"], "--max-length 0: must be positive"),
+                          (["--max-length", "129"], "above the model's context of 128"),
+                          (["--stride", "sideways"], "--stride sideways: must be"),
+                          (["--max-length", "32", "--stride", "33"], "--stride 33")]:
+        result = runner.invoke(app, ["eval", final, "--data", f"d={data}", *args])
+        assert result.exit_code == 2, result.output
+        assert message in " ".join(result.output.split()), result.output
+        assert "Traceback" not in result.output
+    # The run's start figures were scored in 64-token windows: other windows do not compare.
+    result = runner.invoke(app, ["eval", final, "--max-length", "32"])
+    assert result.exit_code == 2 and "--base" in result.output, result.output

@@ -348,7 +348,7 @@ def test_mix_inspect_shows_the_schedule(cli: Any, write_recipe: Any, tiny_recipe
     path = write_recipe(tiny_recipe)
     result = cli("mix", "inspect", path, "--json", "--plot", "mix.png")
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     rows = {s["name"]: s for s in report["sources"]}
     assert rows["prose"]["share_planned"] == pytest.approx(0.65, abs=1 / 800)  # 0.8 then 0.5
     assert rows["prose"]["weight"] == {"0%": 0.8, "50%": 0.8, "100%": 0.2}

@@ -321,3 +321,42 @@ def test_bfloat16_autocast_close_to_fp32(model, tokenizer) -> None:
     ).totals()
     assert bf16.tokens == fp32.tokens
     assert abs(bf16.bpb - fp32.bpb) < 1e-2
+
+
+def test_logits_only_where_tokens_are_scored(model, tokenizer) -> None:
+    text = " ".join(CORPUS[:5]) * 2
+    widths: list[int] = []
+    hook = model.lm_head.register_forward_hook(
+        lambda _module, args, _out: widths.append(args[0].shape[1]))
+    try:
+        kept = score_documents(model, tokenizer, [text], max_length=12, stride=5,
+                               batch_tokens=12)
+    finally:
+        hook.remove()
+    # One window per batch: the first scores all 12 positions, every later one its last 5 at
+    # most (the last one what is left), so the output layer sees each token once.
+    assert widths[0] == 12 and max(widths[1:]) == 5 and sum(widths) == kept.tokens[0]
+
+    class Wrapped(torch.nn.Module):  # a forward without logits_to_keep: every position
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, **kwargs):  # type: ignore[no-untyped-def]
+            return self.inner(**kwargs)
+
+    assert_scores_close(score_documents(Wrapped(), tokenizer, [text], max_length=12, stride=5,
+                                        batch_tokens=12), kept)
+
+
+def test_default_window_is_capped_and_disjoint_is_a_whole_window() -> None:
+    from transformers import LlamaConfig
+
+    from cpt_cli.evaluation.scoring import DEFAULT_MAX_LENGTH, default_max_length, resolve_window
+
+    assert default_max_length(LlamaConfig(max_position_embeddings=131072)) == DEFAULT_MAX_LENGTH
+    assert default_max_length(LlamaConfig(max_position_embeddings=512)) == 512
+    assert resolve_window(64, "disjoint") == (64, 64)
+    assert resolve_window(64, None) == (64, 32)
+    with pytest.raises(ValueError, match="stride"):
+        resolve_window(64, 65)

@@ -6,24 +6,55 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
+from cpt_cli.cli.options import Flag, Help
 from cpt_cli.errors import TrainingStopped, UsageError
 
-app = typer.Typer(name="cpt", no_args_is_help=True, add_completion=False,
-                  pretty_exceptions_enable=False,
-                  help="Continued pre-training of causal LMs with replay, and forgetting "
-                       "measured per domain.")
-mix_app = typer.Typer(no_args_is_help=True, help="The data mixture.")
-data_app = typer.Typer(no_args_is_help=True, help="The tokenization cache.")
+# Help text is Markdown: a docstring's first paragraph is the command's summary in `cpt --help`,
+# its hard line breaks are reflowed to the terminal's width, and blank lines keep the paragraphs
+# (typer's "rich" mode passes every line break of the source through to the layout).
+_SETTINGS: dict[str, Any] = {"no_args_is_help": True, "rich_markup_mode": "markdown",
+                             "context_settings": {"help_option_names": []}}
+
+app = typer.Typer(name="cpt", add_completion=False, pretty_exceptions_enable=False, **_SETTINGS)
+mix_app = typer.Typer(**_SETTINGS)
+data_app = typer.Typer(**_SETTINGS)
 app.add_typer(mix_app, name="mix")
 app.add_typer(data_app, name="data")
 
 err_console = Console(stderr=True)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from cpt_cli import __version__
+
+        typer.echo(f"cpt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def cpt(help_: Help = False,
+        version: Annotated[bool, typer.Option("--version", is_eager=True, metavar=Flag,
+                                              callback=_show_version,
+                                              help="Print cpt's version and exit.")] = False,
+        ) -> None:
+    """Continued pre-training of causal LMs with replay, and forgetting measured per domain."""
+
+
+@mix_app.callback()
+def mix(help_: Help = False) -> None:
+    """The data mixture."""
+
+
+@data_app.callback()
+def data(help_: Help = False) -> None:
+    """The tokenization cache."""
 
 
 def run_guarded(fn: Callable[[], Any]) -> Any:

@@ -8,37 +8,27 @@ import typer
 from rich.console import Console
 
 from cpt_cli.cli.application import data_app, print_json, run_guarded
-from cpt_cli.cli.options import Json, Overrides, RecipePath
+from cpt_cli.cli.options import Flag, Help, Json, Overrides, RecipePath
 from cpt_cli.errors import UsageError
 
 
 @data_app.command("prepare")
-def prepare_command(recipe: RecipePath, overrides: Overrides = None, json_out: Json = False
-                    ) -> None:
+def prepare_command(recipe: RecipePath, overrides: Overrides = None, json_out: Json = False,
+                    help_: Help = False) -> None:
     """Tokenize every source into the cache ahead of training (once per cluster)."""
     from cpt_cli.config import load_recipe
     from cpt_cli.data.prepare import prepare_data
 
     def body() -> None:
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from cpt_cli.training.display import TrainDisplay
 
         loaded = load_recipe(recipe, overrides or [])
         console = Console(stderr=True)
-        # A live line per source being tokenized (sources already cached report nothing), on a
-        # terminal only: CI logs get the summary lines below.
-        bar = Progress(SpinnerColumn(), TextColumn("tokenizing [bold]{task.description}"),
-                       TextColumn("{task.fields[documents]:>10,} documents"),
-                       TextColumn("{task.fields[tokens]:>14,} tokens"), TimeElapsedColumn(),
-                       console=console, disable=not console.is_terminal)
-        tasks: dict[str, object] = {}
-
-        def report(source: str, documents: int, tokens: int) -> None:
-            if source not in tasks:
-                tasks[source] = bar.add_task(source, total=None, documents=0, tokens=0)
-            bar.update(tasks[source], documents=documents, tokens=tokens)  # type: ignore[arg-type]
-
-        with bar:
-            data = prepare_data(loaded, progress=report)
+        display = TrainDisplay(console=console)
+        try:
+            data = prepare_data(loaded, progress=display.data_progress)
+        finally:
+            display.stop()
         rows = [{"name": d.name, "role": d.role, "documents": d.entry.num_documents,
                  "tokens": d.entry.num_tokens, "cache": str(d.entry.path),
                  "skipped": d.entry.meta["skipped"]} for d in data.domains if d.entry]
@@ -56,7 +46,9 @@ def prepare_command(recipe: RecipePath, overrides: Overrides = None, json_out: J
 def quickstart_command(
     out_dir: Annotated[str, typer.Argument(help="Folder for code.jsonl, prose.jsonl, qa.jsonl")]
     = "data/quickstart",
-    force: Annotated[bool, typer.Option("--force", help="Rebuild even if present.")] = False,
+    force: Annotated[bool, typer.Option("--force", metavar=Flag,
+                                        help="Rebuild even if present.")] = False,
+    help_: Help = False,
 ) -> None:
     """Build the quickstart corpus from the Python installation (no download)."""
     from cpt_cli.data.corpus import build_quickstart_corpus

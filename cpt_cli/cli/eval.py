@@ -9,7 +9,8 @@ import typer
 from rich.console import Console
 
 from cpt_cli.cli.application import app, print_json, run_guarded
-from cpt_cli.cli.options import Json
+from cpt_cli.cli.options import Help, Json
+from cpt_cli.cli.progress import ScoringProgress
 from cpt_cli.errors import UsageError
 
 
@@ -22,7 +23,8 @@ def eval_command(
                        "source reads; records by their text field) as domain NAME instead of the "
                        "lineage's held-out sets. Repeatable.")] = None,
     base: Annotated[str | None, typer.Option(
-        "--base", help="Start model to compare against (default: the run's own start).")] = None,
+        "--base", help="Start model to compare against (default: the start model of the run's "
+                       "lineage, whose figures training cached; with --data, none).")] = None,
     max_forgetting: Annotated[float | None, typer.Option(
         "--max-forgetting", help="Exit with status 1 when a retained domain's delta bpb exceeds "
                                  "this.")] = None,
@@ -30,6 +32,15 @@ def eval_command(
         "--plot", help="Draw per-domain bits per byte over steps to this PNG (run directory).")]
     = None,
     batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Tokens per batch.")] = 4096,
+    max_length: Annotated[int | None, typer.Option(
+        "--max-length", help="Longest scoring window in tokens, context included (default: the "
+                             "window training evaluated with, else the context the model was "
+                             "trained on, data.seq_len, else its context up to 2048).")] = None,
+    stride: Annotated[str | None, typer.Option(
+        "--stride", help="Tokens each window predicts after the first: a number up to the "
+                         "window, or 'disjoint' for whole windows as lm-evaluation-harness's "
+                         "rolling log-likelihood scores them (default: half the window).")
+    ] = None,
     bootstrap: Annotated[int, typer.Option(
         "--bootstrap", help="Bootstrap resamples for the 95% intervals (0: none).")] = 1000,
     lm_eval: Annotated[str | None, typer.Option(
@@ -40,6 +51,7 @@ def eval_command(
     lm_eval_limit: Annotated[int | None, typer.Option(
         "--lm-eval-limit", help="At most this many examples per task.")] = None,
     json_out: Json = False,
+    help_: Help = False,
 ) -> None:
     """Per-domain loss, perplexity and bits per byte against the start model: the forgetting
     table."""
@@ -58,6 +70,9 @@ def eval_command(
                                  "each file its own name, or one glob for both")
             files[name] = file
         _check_options(max_forgetting, batch_tokens, bootstrap, lm_eval_limit, plot)
+        window_stride = _stride(stride)
+        if max_length is not None and max_length < 1:
+            raise UsageError(f"--max-length {max_length}: must be positive (e.g. 2048)")
         if plot is not None:
             from cpt_cli.evaluation.plotting import check_available
             check_available()
@@ -65,9 +80,13 @@ def eval_command(
         if tasks:
             from cpt_cli.evaluation.downstream import check_available as lm_eval_available
             lm_eval_available()
+        progress = ScoringProgress(Console(stderr=True))
         report = evaluate(path, data=files or None, base=base, batch_tokens=batch_tokens,
                           bootstrap_samples=bootstrap, lm_eval_tasks=tasks,
-                          lm_eval_include=lm_eval_include, lm_eval_limit=lm_eval_limit)
+                          lm_eval_include=lm_eval_include, lm_eval_limit=lm_eval_limit,
+                          max_length=max_length, stride=window_stride,
+                          progress=progress)
+        progress.finish()
         if json_out:
             print_json(report)
         else:
@@ -91,6 +110,21 @@ def eval_command(
     code = run_guarded(body)
     if code:
         raise typer.Exit(code)
+
+
+def _stride(value: str | None) -> int | str | None:
+    from cpt_cli.evaluation.scoring import DISJOINT
+
+    if value is None or value == DISJOINT:
+        return value
+    try:
+        stride = int(value)
+    except ValueError:
+        stride = 0
+    if stride < 1:
+        raise UsageError(f"--stride {value}: must be a positive number of tokens or "
+                         f"'{DISJOINT}'")
+    return stride
 
 
 def _check_options(max_forgetting: float | None, batch_tokens: int, bootstrap: int,

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from cpt_cli.cli.application import mix_app, print_json, run_guarded
-from cpt_cli.cli.options import Json, Overrides, RecipePath
+from cpt_cli.cli.options import Help, Json, Overrides, RecipePath
 from cpt_cli.errors import UsageError
 
 
@@ -27,6 +27,7 @@ def inspect_command(
         "--plot", help="Draw the shares over the run, with the learning rate, to this PNG."
     )] = None,
     json_out: Json = False,
+    help_: Help = False,
 ) -> None:
     """The mixture plan before any training: tokens, shares, epochs, replay, packing."""
     from cpt_cli.cli import render
@@ -39,8 +40,17 @@ def inspect_command(
             check_available()
             if plot.suffix.lower() != ".png":
                 raise UsageError(f"--plot {plot}: give a .png file name, e.g. --plot mix.png")
+        from cpt_cli.data.prepare import prepare_data
+        from cpt_cli.training.display import TrainDisplay
+
         loaded = load_recipe(recipe, overrides or [])
-        result = inspect_mix(loaded, samples=samples, num_processes=num_processes, plot=plot)
+        display = TrainDisplay(console=Console(stderr=True))
+        try:
+            data = prepare_data(loaded, progress=display.data_progress)
+        finally:
+            display.stop()
+        result = inspect_mix(loaded, samples=samples, num_processes=num_processes, data=data,
+                             plot=plot)
         if json_out:
             print_json(result)
         else:

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 
 from cpt_cli.cli.application import app, print_json, run_guarded
-from cpt_cli.cli.options import Json, Overrides, RecipePath
+from cpt_cli.cli.options import Flag, Help, Json, Overrides, RecipePath
 
 
 @app.command()
@@ -24,20 +24,25 @@ def train(
     recipe: RecipePath,
     overrides: Overrides = None,
     output_dir: Annotated[str | None, typer.Option(
-        "--output-dir", help="Run directory (default: runs/<name>).")] = None,
+        "--output-dir", help="Run directory (default: runs/NAME, NAME being the recipe's "
+                             "name).")] = None,
     resume: Annotated[str | None, typer.Option(
         "--resume", help="auto: continue from the newest complete checkpoint; never; or a "
                          "checkpoint folder.")] = None,
     overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Replace an existing run directory.")] = False,
+        "--overwrite", metavar=Flag, help="Replace an existing run directory.")] = False,
     num_processes: Annotated[int | None, typer.Option(
         "--num-processes", min=1, help="Processes to launch through accelerate (default: "
                                 "launch.num_processes).")] = None,
     json_out: Json = False,
+    help_: Help = False,
 ) -> None:
     """Prepare the data, evaluate the start model, train, checkpoint, and print the forgetting
-    table. Exit status 143 (SIGTERM) or 130 (SIGINT) after a preemption checkpoint: rerun with
-    --resume auto."""
+    table.
+
+    Exit status 143 (SIGTERM) or 130 (SIGINT) after a preemption checkpoint: rerun the same
+    command with `--resume auto` to continue.
+    """
     from cpt_cli.cli import render
     from cpt_cli.config import load_recipe, resolve_path
     from cpt_cli.errors import TrainingStopped, UsageError

@@ -282,6 +282,8 @@ class EvalConfig:
     """Evaluate every this many steps during training (null: at start and end only)."""
     max_forgetting_bpb: float | None = None
     """Stop (after a checkpoint) when a retained domain forgets more bits per byte than this."""
+    max_length: int | None = None
+    """Longest scoring window in tokens, context included (null: data.seq_len, the trained context)."""
     batch_tokens: int = 4096
     """Tokens per evaluation batch (4096 is near the fastest on CPU and caps 128k-vocab logits)."""
     bootstrap_samples: int = 1000

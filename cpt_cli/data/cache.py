@@ -143,9 +143,11 @@ def open_entry(path: Path, name: str) -> TokenizedSource:
 
 def prepare_source(source: SourceConfig, base_dir: str | Path, tokenizer: PreTrainedTokenizerBase,
                    tokenizer_fp: str, cache_dir: Path, *, pool_tokens: int = DEFAULT_POOL_TOKENS,
-                   progress: Callable[[int, int], None] | None = None) -> TokenizedSource:
+                   progress: Callable[[int, int, ReadStats], None] | None = None
+                   ) -> TokenizedSource:
     """Tokenize `source` into the cache unless an entry with the same key (and a large enough
-    held-out pool) is there already. `progress(documents, tokens)` is called per batch."""
+    held-out pool) is there already. `progress(documents, tokens, read stats)` is called per
+    batch."""
     content_fp = fingerprint_source(source, base_dir, cache_dir)
     key = entry_key(source, content_fp, tokenizer_fp)
     target = cache_dir / "tokens" / f"{source.name}-{key}"
@@ -293,7 +295,7 @@ def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
 
 def _tokenize_into(folder: Path, source: SourceConfig, base_dir: str | Path,
                    tokenizer: PreTrainedTokenizerBase, pool_tokens: int,
-                   progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+                   progress: Callable[[int, int, ReadStats], None] | None) -> dict[str, Any]:
     backend = tokenizer.backend_tokenizer
     dtype = token_dtype(len(tokenizer))
     stats = ReadStats()
@@ -347,7 +349,7 @@ def _tokenize_into(folder: Path, source: SourceConfig, base_dir: str | Path,
                 total_tokens += int(lengths.sum())
                 n_docs += len(texts)
                 if progress is not None:
-                    progress(n_docs, total_tokens)
+                    progress(n_docs, total_tokens, stats)
             if future is None:
                 break
             pending = future
@@ -364,5 +366,6 @@ def _tokenize_into(folder: Path, source: SourceConfig, base_dir: str | Path,
             fh.write(json.dumps({"index": index, "hash": -neg_h, "tokens": length,
                                  "text": text}) + "\n")
     return {"documents": n_docs, "tokens": total_tokens, "dtype": np.dtype(dtype).name,
-            "skipped": dict(stats.skipped), "pool_tokens": pool_tokens,
+            "skipped": dict(stats.skipped), "first_skipped": stats.first_skipped,
+            "pool_tokens": pool_tokens,
             "pool_complete": pool_total >= total_tokens}

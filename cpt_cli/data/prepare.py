@@ -44,7 +44,38 @@ from cpt_cli.errors import RecipeError, UsageError
 from cpt_cli.model import check_model_path
 from cpt_cli.runs.lineage import DomainText, Lineage, LineageSource, read_heldout, read_lineage
 
-Progress = Callable[[str, int, int], None]  # (source name, documents, tokens)
+
+@dataclass(frozen=True)
+class SourceProgress:
+    """Where tokenizing one source stands: sent per batch, then once with `done` and the
+    source's true totals (a cache hit sends only that one, with `cached`)."""
+
+    source: str
+    documents: int
+    tokens: int
+    bytes_read: int = 0
+    bytes_total: int = 0
+    """Size of the source's local files; 0 where unknown (a Hub dataset)."""
+    done: bool = False
+    cached: bool = False
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Records skipped (`on_error: skip`, empty, shorter than min_chars) by reason."""
+    first_skipped: dict[str, str] = field(default_factory=dict)
+    """Where each reason first skipped a record (`file:line`)."""
+
+    def skipped_line(self) -> str | None:
+        """One line naming what was skipped and where it started, or None."""
+        if not self.skipped:
+            return None
+        parts = [f"{n:,} {reason}" + (f" (first at {self.first_skipped[reason]})"
+                                      if reason in self.first_skipped else "")
+                 for reason, n in sorted(self.skipped.items(), key=lambda kv: -kv[1])]
+        total = sum(self.skipped.values())
+        return (f"source {self.source!r} skipped {total:,} record{'s' * (total != 1)}: "
+                + "; ".join(parts))
+
+
+Progress = Callable[[SourceProgress], None]
 
 
 @dataclass
@@ -262,12 +293,8 @@ def _split_domains(recipe: Recipe, domains: list[Domain], recorded: dict[str, Li
     budget = int(recipe.data.holdout.tokens)
     problems: list[str] = []
     for d in domains:
-        def report(docs: int, tokens: int, name: str = d.name) -> None:
-            if progress is not None:
-                progress(name, docs, tokens)
-
-        d.entry = prepare_source(d.config, d.base_dir, tokenizer, tok_fp, cache_dir,
-                                 pool_tokens=max(budget, DEFAULT_POOL_TOKENS), progress=report)
+        d.entry = _tokenize(d, tokenizer, tok_fp, cache_dir, max(budget, DEFAULT_POOL_TOKENS),
+                            progress)
         too_large = False  # reported once: an empty training set follows from it
         if d.name in recorded:
             _reuse_holdout(d, recorded[d.name], tokenizer, warnings)
@@ -284,6 +311,27 @@ def _split_domains(recipe: Recipe, domains: list[Domain], recorded: dict[str, Li
             d.train_docs = np.sort(order[:int(np.searchsorted(cum, buffer)) + 1])
     if problems:
         raise RecipeError("the data does not fit the recipe:", problems)
+
+
+def _tokenize(d: Domain, tokenizer: PreTrainedTokenizerBase, tok_fp: str, cache_dir: Path,
+              pool_tokens: int, progress: Progress | None) -> TokenizedSource:
+    """The domain's cache entry, tokenized now or found in the cache; `progress` hears of every
+    batch, then once of the true totals and the records skipped (from a cache hit too)."""
+    tokenized = False
+
+    def report(docs: int, tokens: int, stats: Any) -> None:
+        nonlocal tokenized
+        tokenized = True
+        if progress is not None:
+            progress(SourceProgress(d.name, docs, tokens, stats.bytes_read, stats.bytes_total))
+
+    entry = prepare_source(d.config, d.base_dir, tokenizer, tok_fp, cache_dir,
+                           pool_tokens=pool_tokens, progress=report)
+    if progress is not None:
+        progress(SourceProgress(d.name, entry.num_documents, entry.num_tokens, done=True,
+                                cached=not tokenized, skipped=dict(entry.meta["skipped"]),
+                                first_skipped=dict(entry.meta.get("first_skipped", {}))))
+    return entry
 
 
 def _reuse_holdout(d: Domain, source: LineageSource, tokenizer: PreTrainedTokenizerBase,

@@ -42,6 +42,17 @@ class ReadStats:
 
     documents: int = 0
     skipped: Counter = field(default_factory=Counter)
+    first_skipped: dict[str, str] = field(default_factory=dict)
+    """Where each reason first skipped a record (`file:line`)."""
+    bytes_total: int = 0
+    """Size of the source's local files (0 for a Hub dataset: unknown)."""
+    bytes_read: int = 0
+    """How far into them reading is: whole files read, plus the characters of the file being
+    read (an estimate by one character a byte, never past the file's size)."""
+
+    def skip(self, reason: str, where: str) -> None:
+        self.skipped[reason] += 1
+        self.first_skipped.setdefault(reason, where)
 
     def as_dict(self) -> dict[str, Any]:
         return {"documents": self.documents, "skipped": dict(self.skipped)}
@@ -333,12 +344,17 @@ def read_documents(source: SourceConfig, base_dir: str | Path,
     `identities`, each yielded document's `record_identity` is appended to it."""
     stats = stats if stats is not None else ReadStats()
     fields = identity_fields(source)
+    sizes: list[int] = []
     if source.hf is not None:
         streams = [_hf_records(source, base_dir)]
     else:
+        paths = expand_paths(source, base_dir)
+        sizes = [p.stat().st_size for p in paths]
+        stats.bytes_total = sum(sizes)
         streams = [_readable(source.name, p, file_records(p, _relative(p, base_dir)))
-                   for p in expand_paths(source, base_dir)]
-    for records in streams:
+                   for p in paths]
+    for i, records in enumerate(streams):
+        read_before = sum(sizes[:i])
         for where, record in records:
             try:
                 if isinstance(record, Exception):
@@ -350,17 +366,21 @@ def read_documents(source: SourceConfig, base_dir: str | Path,
                                      "max_chars on this source")
             except ValueError as err:
                 if source.on_error == "skip":
-                    stats.skipped[_reason(str(err))] += 1
+                    stats.skip(_reason(str(err)), where)
                     continue
                 raise DataError(f"source {source.name!r}: {str(err).rstrip('.')}. To skip bad "
                                 "records instead, set on_error: skip on this source.") from None
+            if sizes:
+                stats.bytes_read = min(stats.bytes_read + len(text), read_before + sizes[i])
             if len(text) < max(source.min_chars, 1) or not text.strip():
-                stats.skipped["empty" if not text.strip() else "shorter than min_chars"] += 1
+                stats.skip("empty" if not text.strip() else "shorter than min_chars", where)
                 continue
             stats.documents += 1
             if identities is not None:
                 identities.append(record_identity(fields, record))
             yield text
+        if sizes:
+            stats.bytes_read = read_before + sizes[i]
 
 
 def _readable(name: str, path: Path, records: Iterator[tuple[str, Any]]

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from cpt_cli.evaluation.report import (
     save_scores,
     score_domains,
 )
-from cpt_cli.evaluation.scoring import DocumentScores
+from cpt_cli.evaluation.scoring import DocumentScores, default_max_length, resolve_window
 from cpt_cli.hostmemory import keep_freed_memory
 from cpt_cli.runs.layout import CHECKPOINTS, complete_checkpoints
 from cpt_cli.runs.lineage import HELDOUT_DIR, MANIFEST, read_events, read_heldout, read_manifest
@@ -122,9 +123,14 @@ def lineage_domains(model_dir: Path) -> tuple[list[DomainText], dict[str, Any]]:
 def evaluate(path: str | Path, *, data: dict[str, str] | None = None, base: str | None = None,
              batch_tokens: int = 4096, bootstrap_samples: int = 1000,
              device: str | None = None, lm_eval_tasks: list[str] | None = None,
-             lm_eval_include: str | None = None,
-             lm_eval_limit: int | None = None) -> dict[str, Any]:
-    """The forgetting report of `path` (see `forgetting_table`), plus `curve` for a run dir."""
+             lm_eval_include: str | None = None, lm_eval_limit: int | None = None,
+             max_length: int | None = None, stride: int | str | None = None,
+             progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """The forgetting report of `path` (see `forgetting_table`), plus `curve` for a run dir.
+
+    Documents are scored in windows of `max_length` tokens (default: see `eval_window`) that
+    advance by `stride` (default: half a window; "disjoint": a whole one, as lm-eval does).
+    `progress(model, tokens scored, tokens in all)` follows each model's scoring."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path} does not exist: pass a final/ folder, a checkpoint, or a run "
@@ -160,13 +166,16 @@ def evaluate(path: str | Path, *, data: dict[str, str] | None = None, base: str 
         domains, manifest = lineage_domains(last)
     roles = {d.name: d.role for d in domains}
 
-    start_scores = _start_scores(last, domains, base, bool(data), dev, autocast, batch_tokens)
+    window = eval_window(last, manifest, max_length, stride)
+    scoring = {"batch_tokens": batch_tokens, "autocast_dtype": autocast,
+               "max_length": window[0], "stride": window[1]}
+    start_scores = _start_scores(last, domains, base, bool(data), dev, scoring, progress)
     curve: list[dict[str, Any]] = []
     report: dict[str, Any] = {}
     for target in targets:
         model, tokenizer = _load(target.model_dir, dev, torch.float32)
-        scores = score_domains(model, tokenizer, domains, batch_tokens=batch_tokens,
-                               autocast_dtype=autocast)
+        scores = score_domains(model, tokenizer, domains, **scoring,
+                               progress=_named(progress, str(target.model_dir)))
         del model
         is_last = target is targets[-1]
         report = forgetting_table(scores, start_scores, roles,
@@ -188,6 +197,7 @@ def evaluate(path: str | Path, *, data: dict[str, str] | None = None, base: str 
         worst = report["summary"]["max_forgetting_bpb"]
         report["summary"]["peak_forgetting_bpb"] = max(peak, worst) if worst is not None else peak
     report["model"] = str(last)
+    report["window"] = {"max_length": window[0], "stride": window[1]}
     report["start"] = base or (manifest["stages"][-1]["start_model"] if manifest else None)
     if lm_eval_tasks:
         report["downstream"] = _downstream(last, report["start"], lm_eval_tasks,
@@ -215,6 +225,52 @@ def _downstream(model_dir: Path, start: str | None, tasks: list[str], include: s
             before = downstream.run_tasks(model, tokenizer, tasks, include_path=include,
                                           limit=limit)
     return downstream.compare(now, before)
+
+
+def eval_window(model_dir: Path, manifest: dict[str, Any] | None, max_length: int | None,
+                stride: int | str | None) -> tuple[int, int]:
+    """(max_length, stride) of the scoring windows. The window defaults to what the start
+    model's cached figures were scored with (training's `eval.max_length`), else the context the
+    model was trained on (the manifest's last `data.seq_len`), else the model's context capped
+    at `scoring.DEFAULT_MAX_LENGTH`; a window past the model's context is refused."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir))
+    except (OSError, ValueError):
+        config = None  # loading the model says what is wrong with it
+    context = getattr(config, "max_position_embeddings", None)
+    if max_length is None:
+        cached = _cached_start_window(model_dir)
+        if cached is not None and stride is None:
+            return cached
+        stages = (manifest or {}).get("stages") or [{}]
+        max_length = cached[0] if cached else stages[-1].get("seq_len") or \
+            default_max_length(config)
+    if context is not None and max_length > context:
+        raise UsageError(f"--max-length {max_length}: above the model's context of {context} "
+                         f"tokens; pass at most {context}")
+    try:
+        return resolve_window(int(max_length), stride)
+    except ValueError as err:
+        raise UsageError(f"--stride {stride}: {err}") from None
+
+
+def _cached_start_window(model_dir: Path) -> tuple[int, int] | None:
+    run_dir = _find_run_dir(model_dir)
+    for cached in (model_dir / "eval" / "start.npz", run_dir / "eval" / "start.npz"):
+        if cached.is_file():
+            windows = {s.window for s in load_scores(cached).values()}
+            return windows.pop() if len(windows) == 1 else None
+    return None
+
+
+def _named(progress: Callable[[str, int, int], None] | None, name: str
+           ) -> Callable[[str, int, int], None] | None:
+    """`progress` that names the model being scored rather than the domain."""
+    if progress is None:
+        return None
+    return lambda _domain, done, total: progress(name, done, total)
 
 
 def _training_peak(model_dir: Path) -> float | None:
@@ -252,20 +308,23 @@ def _model_identity(base: str) -> Any:
 
 
 def _start_scores(model_dir: Path, domains: list[DomainText], base: str | None, explicit: bool,
-                  dev: torch.device, autocast: Any,
-                  batch_tokens: int) -> dict[str, DocumentScores] | None:
+                  dev: torch.device, scoring: dict[str, Any],
+                  progress: Callable[[str, int, int], None] | None,
+                  ) -> dict[str, DocumentScores] | None:
     run_dir = _find_run_dir(model_dir)
+    window = (scoring["max_length"], scoring["stride"])
     if base is None and not explicit:
         for cached in (model_dir / "eval" / "start.npz", run_dir / "eval" / "start.npz"):
             if cached.is_file():
                 scores = load_scores(cached)
                 if all(d.name in scores and len(scores[d.name]) == len(d.texts)
                        for d in domains):
+                    _check_same_window(scores, window)
                     return scores
         return None
     if base is None:
         return None
-    key = hashlib.sha256(json.dumps([_model_identity(base),
+    key = hashlib.sha256(json.dumps([_model_identity(base), list(window),
                                      [(d.name, d.texts) for d in domains]]).encode())
     cache = run_dir / "eval" / f"base-{key.hexdigest()[:16]}.npz"
     if cache.is_file():
@@ -275,11 +334,22 @@ def _start_scores(model_dir: Path, domains: list[DomainText], base: str | None, 
     except UsageError as err:
         raise UsageError(f"--base {base}: {err}. Pass the start model's folder or Hub id."
                          ) from None
-    scores = score_domains(model, tokenizer, domains, batch_tokens=batch_tokens,
-                           autocast_dtype=autocast)
+    scores = score_domains(model, tokenizer, domains, **scoring,
+                           progress=_named(progress, f"{base} (start)"))
     if run_dir.is_dir() and (run_dir / MANIFEST).exists():
         try:
             save_scores(cache, scores)
         except OSError:
             pass  # a read-only run directory still evaluates
     return scores
+
+
+def _check_same_window(scores: dict[str, DocumentScores], window: tuple[int, int]) -> None:
+    """Figures scored in other windows do not compare: a shorter window gives less context."""
+    cached = {s.window for s in scores.values()} - {None}
+    if cached and cached != {window}:
+        length, stride = cached.pop()
+        raise UsageError(f"the start model was scored in windows of {length} tokens (stride "
+                         f"{stride}) during training, not {window[0]} (stride {window[1]}): "
+                         "leave out --max-length and --stride, or pass --base START_MODEL to "
+                         "score the start model again in these windows")

@@ -9,26 +9,63 @@ domains (replay and every earlier stage) report forgetting = delta_bpb.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cpt_cli.errors import RecipeError
 from cpt_cli.evaluation.scoring import DocumentScores, bootstrap_delta_bpb, score_documents
 from cpt_cli.runs.lineage import DomainText
 
 
 def score_domains(model: Any, tokenizer: Any, domains: Sequence[DomainText], *,
                   batch_tokens: int = 16384, autocast_dtype: Any = None,
-                  max_length: int | None = None) -> dict[str, DocumentScores]:
+                  max_length: int | None = None, stride: int | str | None = None,
+                  progress: Callable[[str, int, int], None] | None = None,
+                  ) -> dict[str, DocumentScores]:
+    """Every domain's per-document scores; ``progress(domain, tokens scored, tokens in all)``
+    after each batch."""
     was_training = model.training
+    total = 0
+    if progress is not None:
+        total = sum(len(ids) for d in domains for ids in tokenizer(
+            list(d.texts), add_special_tokens=False, verbose=False)["input_ids"])
+    done = 0
+
+    def step(name: str) -> Callable[[int], None] | None:
+        if progress is None:
+            return None
+
+        def report(tokens: int) -> None:
+            nonlocal done
+            done += tokens
+            progress(name, done, total)
+        return report
+
     try:
         return {d.name: score_documents(model, tokenizer, d.texts, batch_tokens=batch_tokens,
-                                        autocast_dtype=autocast_dtype, max_length=max_length)
+                                        autocast_dtype=autocast_dtype, max_length=max_length,
+                                        stride=stride, progress=step(d.name))
                 for d in domains}
     finally:
         model.train(was_training)
+
+
+def training_window(max_length: int | None, seq_len: int, context: int | None) -> int:
+    """The evaluation window of a training run: `eval.max_length`, by default `data.seq_len`,
+    the context it trains (longer windows score tokens at positions it never trained)."""
+    if max_length is None:
+        return seq_len
+    if max_length < 1:
+        raise RecipeError(f"eval.max_length: {max_length} must be positive (e.g. {seq_len}, "
+                          "data.seq_len), or null for data.seq_len")
+    if context is not None and max_length > context:
+        raise RecipeError(f"eval.max_length: {max_length} is above the model's context of "
+                          f"{context} tokens; lower it to at most {context}, or null for "
+                          f"data.seq_len ({seq_len})")
+    return max_length
 
 
 def save_scores(path: Path, scores: dict[str, DocumentScores]) -> None:
@@ -36,6 +73,8 @@ def save_scores(path: Path, scores: dict[str, DocumentScores]) -> None:
     for name, s in scores.items():
         arrays[f"{name}/nll"], arrays[f"{name}/tokens"], arrays[f"{name}/bytes"] = \
             s.nll, s.tokens, s.bytes
+        if s.window is not None:
+            arrays[f"{name}/window"] = np.asarray(s.window, dtype=np.int64)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.npz")
     np.savez(tmp, **arrays)
@@ -46,7 +85,10 @@ def load_scores(path: Path) -> dict[str, DocumentScores]:
     with np.load(path) as data:
         names = sorted({k.rsplit("/", 1)[0] for k in data.files})
         return {n: DocumentScores(nll=data[f"{n}/nll"], tokens=data[f"{n}/tokens"],
-                                  bytes=data[f"{n}/bytes"]) for n in names}
+                                  bytes=data[f"{n}/bytes"],
+                                  window=tuple(int(x) for x in data[f"{n}/window"])
+                                  if f"{n}/window" in data.files else None)  # type: ignore[arg-type]
+                for n in names}
 
 
 def _finite(x: float) -> float | None:

@@ -28,9 +28,14 @@ what a before/after comparison of continued pre-training needs.
 
 Long documents
 --------------
-A document longer than the context is scored in overlapping rolling windows (see
-:func:`rolling_windows`) so that every token is scored exactly once and, after the first
-window, with at least ``max_length - stride`` tokens of context.
+A document longer than the window (``max_length`` tokens: by default the context the model was
+trained on) is scored in rolling windows (see :func:`rolling_windows`) so that every token is
+scored exactly once, never at a position beyond the window, and, after the first window, with
+at least ``max_length - stride`` tokens of context.  The default ``stride = max_length // 2``
+overlaps the windows by half; ``stride = max_length`` ("disjoint") gives the disjoint windows of
+lm-evaluation-harness's ``loglikelihood_rolling``, whose later windows predict a whole window
+each from one token of context.  Logits are computed from a batch's first scored position on,
+so memory is bounded by the window and the batch, whatever a document's length.
 
 Speed
 -----
@@ -43,6 +48,7 @@ explicit ``position_ids``; only the scored positions go through the float32
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,6 +67,15 @@ if TYPE_CHECKING:
 # CPU figure while keeping a GPU busy, and bounds the logits of one batch: with a 128k-token
 # vocabulary, 4096 positions of bf16 logits are 4096 * 128k * 2 B = 1 GiB.
 DEFAULT_BATCH_TOKENS = 4096
+
+# The window for a model cpt did not train, when its context is longer: lm-evaluation-harness's
+# own fallback length (HFLM's 2048), and a bound on one window's logits where a model's context
+# is huge: 2,048 positions x a 128k vocabulary in bf16 are 0.5 GiB, where Llama-3.2-1B's full
+# 131,072-token context would be 32 GiB.
+DEFAULT_MAX_LENGTH = 2048
+
+# `stride` that predicts a whole window each time: lm-evaluation-harness's disjoint windows.
+DISJOINT = "disjoint"
 
 # Upper bound on the elements of one float32 log_softmax chunk: 2**25 floats = 128 MiB
 # (about 256 positions of a 128k vocabulary), so the float32 copy never doubles the
@@ -111,6 +126,9 @@ class DocumentScores:
     nll: np.ndarray  # float64, shape (n_docs,)
     tokens: np.ndarray  # int64
     bytes: np.ndarray  # int64
+    # (max_length, stride) of the windows that scored them; None where unrecorded (scores
+    # cached by cpt before it recorded them). Scores of other windows do not compare.
+    window: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         nll = np.asarray(self.nll, dtype=np.float64)
@@ -167,7 +185,8 @@ def rolling_windows(n_tokens: int, max_length: int, stride: int) -> list[Window]
       fewer tokens left to predict, has more.
 
     This is lm-evaluation-harness's ``get_rolling_token_windows`` with
-    ``context_len = L - stride + 1``.  Every token is scored exactly once, every window is
+    ``context_len = L - stride + 1``; lm-eval itself uses ``context_len = 1``, i.e.
+    ``stride = L``.  Every token is scored exactly once, every window is
     at most ``L`` tokens long, and a document of ``n`` tokens costs about
     ``n + (n - L) * (L - stride) / stride`` positions (2n for the default ``stride = L//2``).
     """
@@ -199,14 +218,26 @@ def start_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     )
 
 
-def _model_max_length(model: torch.nn.Module) -> int:
-    config = getattr(model, "config", None)
+def default_max_length(config: object | None) -> int:
+    """The window for a model whose training context is unknown, from its config: its context
+    (``max_position_embeddings``), at most :data:`DEFAULT_MAX_LENGTH`."""
     value = getattr(config, "max_position_embeddings", None)
-    if value is None:
-        raise ValueError(
-            "the model config has no max_position_embeddings; pass max_length explicitly"
-        )
-    return int(value)
+    return min(int(value), DEFAULT_MAX_LENGTH) if value else DEFAULT_MAX_LENGTH
+
+
+def resolve_window(max_length: int, stride: int | str | None) -> tuple[int, int]:
+    """``(max_length, stride)`` checked; ``stride`` None is half the window, ``"disjoint"`` the
+    whole window (lm-evaluation-harness's windows, see :func:`rolling_windows`)."""
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    if stride is None:
+        stride = max(1, max_length // 2)
+    elif stride == DISJOINT:
+        stride = max_length
+    if not isinstance(stride, int) or not 1 <= stride <= max_length:
+        raise ValueError(f"stride must be in [1, max_length={max_length}] or {DISJOINT!r}, "
+                         f"got {stride!r}")
+    return max_length, stride
 
 
 class _Batch(NamedTuple):
@@ -215,6 +246,7 @@ class _Batch(NamedTuple):
     attention_mask: torch.Tensor  # (rows, width) 1 on real tokens
     targets: torch.Tensor  # (rows, width) next token at each position, 0 on padding
     scored: torch.Tensor  # (rows, width) bool, True on the positions that count
+    keep: int  # the last `keep` positions hold every scored one: the only logits computed
 
 
 def _plan_batches(
@@ -251,22 +283,28 @@ def _build_batch(
         targets[r, :n] = seq[w.begin + 1 : w.end + 1]
         mask[r, :n] = 1
         scored[r, n - w.scored : n] = True
+    first_scored = min(w.end - w.begin - w.scored for _, w in group)
     return _Batch(
         docs=np.fromiter((doc for doc, _ in group), dtype=np.int64, count=rows),
         input_ids=torch.from_numpy(input_ids).to(device),
         attention_mask=torch.from_numpy(mask).to(device),
         targets=torch.from_numpy(targets).to(device),
         scored=torch.from_numpy(scored).to(device),
+        keep=width - first_scored,
     )
 
 
 def _row_nll(logits: torch.Tensor, batch: _Batch) -> torch.Tensor:
-    """Summed -log p of the scored positions of each row, float64, shape (rows,)."""
-    rows, width, vocab = logits.shape
-    flat_logits = logits.reshape(rows * width, vocab)
-    positions = batch.scored.reshape(-1).nonzero().squeeze(1)
-    row_of = torch.div(positions, width, rounding_mode="floor")
-    targets = batch.targets.reshape(-1)[positions]
+    """Summed -log p of the scored positions of each row, float64, shape (rows,).
+
+    ``logits`` covers the last ``logits.shape[1]`` positions of the batch (all of them when
+    the model computed every position's logits)."""
+    rows, kept, vocab = logits.shape
+    flat_logits = logits.reshape(rows * kept, vocab)
+    scored = batch.scored[:, -kept:]
+    positions = scored.reshape(-1).nonzero().squeeze(1)
+    row_of = torch.div(positions, kept, rounding_mode="floor")
+    targets = batch.targets[:, -kept:].reshape(-1)[positions]
     sums = torch.zeros(rows, dtype=torch.float64, device=logits.device)
     chunk = max(1, _LOG_SOFTMAX_CHUNK_ELEMENTS // vocab)
     for c0 in range(0, positions.numel(), chunk):
@@ -280,13 +318,44 @@ def _row_nll(logits: torch.Tensor, batch: _Batch) -> torch.Tensor:
     return sums
 
 
+def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the model's forward can compute the logits of the last positions only
+    (transformers' causal LMs: ``logits_to_keep``); a wrapper that hides it gets them all."""
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _encode(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int, stride: int
+) -> tuple[list[np.ndarray], list[tuple[int, Window]], np.ndarray, np.ndarray]:
+    """Each document as ``[start] + tokens``, its windows, its token and UTF-8 byte counts."""
+    start = start_token_id(tokenizer)
+    tokens = np.zeros(len(texts), dtype=np.int64)
+    n_bytes = np.zeros(len(texts), dtype=np.int64)
+    encoded = tokenizer(
+        list(texts), add_special_tokens=False, return_attention_mask=False, verbose=False
+    )["input_ids"] if texts else []
+    seqs: list[np.ndarray] = []
+    windows: list[tuple[int, Window]] = []
+    for doc, (text, ids) in enumerate(zip(texts, encoded, strict=True)):
+        seqs.append(np.asarray([start, *ids], dtype=np.int64))
+        if not ids:
+            continue  # empty document: skipped, tokens = bytes = 0
+        tokens[doc] = len(ids)
+        n_bytes[doc] = len(text.encode("utf-8"))
+        windows.extend((doc, w) for w in rolling_windows(len(ids), max_length, stride))
+    return seqs, windows, tokens, n_bytes
+
+
 def score_documents(
     model: PreTrainedModel | torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
     *,
     max_length: int | None = None,
-    stride: int | None = None,
+    stride: int | str | None = None,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
@@ -301,11 +370,13 @@ def score_documents(
             and each document is predicted from :func:`start_token_id`.
         texts: the documents.
         max_length: most tokens in one forward pass, context included; defaults to
-            ``model.config.max_position_embeddings``.
+            :func:`default_max_length` (callers that know the trained context pass it).
         stride: tokens predicted by each window after the first (see
-            :func:`rolling_windows`); defaults to ``max_length // 2`` (at least 1).
+            :func:`rolling_windows`); defaults to ``max_length // 2`` (at least 1);
+            ``"disjoint"`` is ``max_length``, lm-evaluation-harness's windows.
         batch_tokens: budget of rows x padded width per forward pass.  Logits of one
-            batch at a time are held: ``batch_tokens * vocab`` values.
+            batch at a time are held, and only from its first scored position on: at most
+            ``batch_tokens * vocab`` values (or one window's, when a window is longer).
         device: where inputs go; defaults to the device of the model's first parameter.
         autocast_dtype: if given, the forward pass runs under ``torch.autocast`` with this
             dtype (e.g. ``torch.bfloat16``); the log-softmax is always float32.
@@ -315,45 +386,23 @@ def score_documents(
     Documents that encode to no tokens are skipped: they get ``tokens = 0``, ``nll = 0``
     and ``bytes = 0``.
     """
-    if max_length is None:
-        max_length = _model_max_length(model)
-    if max_length < 1:
-        raise ValueError(f"max_length must be >= 1, got {max_length}")
-    if stride is None:
-        stride = max(1, max_length // 2)
-    if not 1 <= stride <= max_length:
-        raise ValueError(f"stride must be in [1, max_length={max_length}], got {stride}")
+    max_length, stride = resolve_window(
+        default_max_length(getattr(model, "config", None)) if max_length is None else max_length,
+        stride)
     if batch_tokens < 1:
         raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
-    start = start_token_id(tokenizer)
-    n_docs = len(texts)
-    nll = np.zeros(n_docs, dtype=np.float64)
-    tokens = np.zeros(n_docs, dtype=np.int64)
-    n_bytes = np.zeros(n_docs, dtype=np.int64)
-    if n_docs == 0:
-        return DocumentScores(nll, tokens, n_bytes)
-
-    encoded = tokenizer(
-        list(texts), add_special_tokens=False, return_attention_mask=False, verbose=False
-    )["input_ids"]
-    seqs: list[np.ndarray] = []
-    windows: list[tuple[int, Window]] = []
-    for doc, (text, ids) in enumerate(zip(texts, encoded, strict=True)):
-        seqs.append(np.asarray([start, *ids], dtype=np.int64))
-        if not ids:
-            continue  # empty document: skipped, tokens = bytes = 0
-        tokens[doc] = len(ids)
-        n_bytes[doc] = len(text.encode("utf-8"))
-        windows.extend((doc, w) for w in rolling_windows(len(ids), max_length, stride))
-
-    if device is None:
-        device = next(model.parameters()).device
-    device = torch.device(device)
+    seqs, windows, tokens, n_bytes = _encode(tokenizer, texts, max_length, stride)
+    nll = np.zeros(len(texts), dtype=np.float64)
+    device = torch.device(device or next(model.parameters()).device)
     autocast = (
         torch.autocast(device_type=device.type, dtype=autocast_dtype)
         if autocast_dtype is not None
         else contextlib.nullcontext()
     )
+    # Logits only where tokens are scored: a later window of the default stride predicts half
+    # its positions, and the output layer is most of a small model's cost (a 1,024-token
+    # vocabulary against hidden size 128).
+    keep_only = _takes_logits_to_keep(model)
     was_training = model.training
     model.eval()
     try:
@@ -364,12 +413,11 @@ def score_documents(
                 # Explicit 0..n-1 positions per row: right padding follows the real
                 # tokens, so it never shifts them, whatever the model infers from the mask.
                 position_ids = torch.arange(width, device=device).expand_as(batch.input_ids)
-                logits = model(
-                    input_ids=batch.input_ids,
-                    attention_mask=batch.attention_mask,
-                    position_ids=position_ids,
-                    use_cache=False,  # no KV cache to build (and, compiled, to guard on)
-                ).logits
+                extra = {"logits_to_keep": batch.keep} if keep_only else {}
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               position_ids=position_ids,
+                               use_cache=False,  # no KV cache to build (and, compiled, guard)
+                               **extra).logits
                 row_nll = _row_nll(logits, batch)
                 del logits  # one batch of logits alive at a time
                 np.add.at(nll, batch.docs, row_nll.cpu().numpy())
@@ -377,7 +425,7 @@ def score_documents(
                     progress(int(batch.scored.sum()))
     finally:
         model.train(was_training)
-    return DocumentScores(nll, tokens, n_bytes)
+    return DocumentScores(nll, tokens, n_bytes, window=(max_length, stride))
 
 
 def bootstrap_delta_bpb(

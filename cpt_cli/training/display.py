@@ -11,12 +11,17 @@ from typing import Any
 from rich.console import Console
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+# Off a terminal, one tokenizing line per this many seconds per run: a log gets a line a few
+# times a minute on long work, where a line per batch (4M characters) would be one a second.
+DATA_LINE_EVERY_S = 10.0
 
 
 class TrainDisplay:
@@ -28,8 +33,10 @@ class TrainDisplay:
         self.tokens_per_step = 0
         self.progress: Progress | None = None
         self.task: Any = None
-        self._data_seen: dict[str, int] = {}
-        self._last_data_print = 0.0
+        self._data_bar: Progress | None = None
+        self._data_tasks: dict[str, Any] = {}
+        self._data_started: dict[str, float] = {}
+        self._last_data_print = float("-inf")  # the first update prints
 
     def status(self, message: str) -> None:
         if self.enabled:
@@ -40,14 +47,57 @@ class TrainDisplay:
         if self.enabled:
             self.console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
 
-    def data_progress(self, source: str, documents: int, tokens: int) -> None:
+    def data_progress(self, update: Any) -> None:
+        """A `SourceProgress` of tokenizing: a bar per source on a terminal (bytes read of the
+        local files, documents, tokens, rate, time left), a plain line every
+        DATA_LINE_EVERY_S seconds off one, and always a last line with the true totals and
+        one naming the records skipped."""
         if not self.enabled:
             return
-        self._data_seen[source] = tokens
         now = time.monotonic()
-        if now - self._last_data_print > 2.0:
+        started = self._data_started.setdefault(update.source, now)
+        if update.done:
+            self._data_finished(update, now - started)
+            return
+        if self.live:
+            self._data_bar_update(update, now - started)
+        elif now - self._last_data_print >= DATA_LINE_EVERY_S:
             self._last_data_print = now
-            self.console.print(f"tokenizing {source}: {documents:,} documents, {tokens:,} tokens",
+            self.console.print(f"tokenizing {update.source}: "
+                               f"{_data_figures(update, now - started)}", highlight=False)
+
+    def _data_bar_update(self, update: Any, elapsed: float) -> None:
+        if self._data_bar is None:
+            self._data_bar = Progress(
+                TextColumn("tokenizing [bold]{task.description}"), BarColumn(),
+                DownloadColumn(), TextColumn("{task.fields[figures]}"), TimeRemainingColumn(),
+                console=self.console, transient=True)
+            self._data_bar.start()
+        if update.source not in self._data_tasks:
+            self._data_tasks[update.source] = self._data_bar.add_task(
+                update.source, total=update.bytes_total or None, figures="")
+        rate = update.tokens / max(elapsed, 1e-9)
+        self._data_bar.update(self._data_tasks[update.source], completed=update.bytes_read,
+                              figures=f"{update.documents:,} documents  {update.tokens:,} "
+                                      f"tokens  {rate:,.0f} tokens/s")
+
+    def _data_finished(self, update: Any, elapsed: float) -> None:
+        if self._data_bar is not None and update.source in self._data_tasks:
+            self._data_bar.remove_task(self._data_tasks.pop(update.source))
+            if not self._data_tasks:
+                self._data_bar.stop()
+                self._data_bar = None
+        if update.cached:
+            line = (f"{update.source}: {update.documents:,} documents, {update.tokens:,} tokens "
+                    "(tokenized before, from the cache)")
+        else:
+            line = (f"tokenized {update.source}: {update.documents:,} documents, "
+                    f"{update.tokens:,} tokens in {elapsed:,.1f} s "
+                    f"({update.tokens / max(elapsed, 1e-9):,.0f} tokens/s)")
+        self.console.print(line, highlight=False)
+        skipped = update.skipped_line()
+        if skipped:
+            self.console.print(f"[yellow]{skipped}[/yellow]" if self.live else skipped,
                                highlight=False)
 
     def start_training(self, steps: int, start_step: int, tokens_per_step: int) -> None:
@@ -104,9 +154,30 @@ class TrainDisplay:
             print(line, file=sys.stderr, flush=True)
 
     def stop(self) -> None:
+        if self._data_bar is not None:
+            self._data_bar.stop()
+            self._data_bar = None
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def _data_figures(update: Any, elapsed: float) -> str:
+    rate = update.tokens / max(elapsed, 1e-9)
+    text = f"{update.documents:,} documents, {update.tokens:,} tokens, {rate:,.0f} tokens/s"
+    if update.bytes_total:
+        share = update.bytes_read / update.bytes_total
+        left = elapsed * (1 - share) / share if share else None
+        text = (f"{share:.0%} of {_size(update.bytes_total)} read, {text}"
+                + (f", about {_duration(left)} left" if left is not None else ""))
+    return text
+
+
+def _size(n_bytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:,.1f} {unit}"
+    return f"{n_bytes} bytes"
 
 
 def _duration(seconds: float) -> str:

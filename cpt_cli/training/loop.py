@@ -36,7 +36,13 @@ from cpt_cli.config import Recipe, ScheduleConfig, model_location, save_recipe
 from cpt_cli.data.loader import PackedLoader
 from cpt_cli.data.prepare import PreparedData, batch_geometry, plan_data, prepare_data
 from cpt_cli.errors import TrainingStopped, UsageError
-from cpt_cli.evaluation.report import forgetting_table, load_scores, save_scores, score_domains
+from cpt_cli.evaluation.report import (
+    forgetting_table,
+    load_scores,
+    save_scores,
+    score_domains,
+    training_window,
+)
 from cpt_cli.hostmemory import keep_freed_memory
 from cpt_cli.model import check_model_path, load_model, max_context
 from cpt_cli.process import finish_worker, worker_rank
@@ -329,6 +335,7 @@ def _train(recipe: Recipe, signals: _Signals, cleanup: contextlib.ExitStack, *,
     if context is not None and recipe.data.seq_len > context:
         raise UsageError(f"data.seq_len: {recipe.data.seq_len} is above the model's context of "
                          f"{context} tokens; lower data.seq_len to at most {context}")
+    window = training_window(recipe.eval.max_length, recipe.data.seq_len, context)
     _check_document_masking(recipe, model, cuda)
     flops_per_token = training_flops_per_token(model, recipe.data.seq_len)
     if recipe.train.gradient_checkpointing:
@@ -402,7 +409,7 @@ def _train(recipe: Recipe, signals: _Signals, cleanup: contextlib.ExitStack, *,
                 contextlib.nullcontext():
             return score_domains(model, data.tokenizer, domains,
                                  batch_tokens=recipe.eval.batch_tokens,
-                                 autocast_dtype=autocast_dtype, max_length=context)
+                                 autocast_dtype=autocast_dtype, max_length=window)
 
     def eval_event(report: dict[str, Any], step: int) -> dict[str, Any]:
         return {"event": "eval", "step": step, "tokens": step * loader.global_batch * L,
