@@ -9,9 +9,7 @@ import numpy as np
 import pytest
 
 from cpt_cli.config import recipe_from_config
-from cpt_cli.config.mixschedule import decay_start as config_decay_start
 from cpt_cli.config.mixschedule import parse_position
-from cpt_cli.config.mixschedule import warmup_steps as config_warmup_steps
 from cpt_cli.config.schema import ScheduleConfig
 from cpt_cli.data.mixture import PlanSource, make_plan
 from cpt_cli.data.schedule import MAX_SEGMENT, MixSchedule, ValueSchedule, build_schedule
@@ -138,8 +136,9 @@ def test_lr_phase_boundaries_match_the_trainer() -> None:
     for name, warmup, decay, steps in [("wsd", 0.1, 0.2, 100), ("wsd", 5, 30, 77),
                                        ("wsd", 0.01, 0.5, 1000), ("cosine", 0.05, 0.1, 40)]:
         config = ScheduleConfig(name=name, warmup=warmup, decay=decay)
-        assert config_warmup_steps(warmup, steps) == lr.warmup_steps(config, steps)
-        assert config_decay_start(name, warmup, decay, steps) == lr.decay_start(config, steps)
+        # One definition (ScheduleConfig's), read by the trainer's schedule and the mixture's.
+        assert config.warmup_steps(steps) == lr.warmup_steps(config, steps)
+        assert config.decay_start(steps) == lr.decay_start(config, steps)
 
 
 # ------------------------------------------------------------------------------------------

@@ -128,19 +128,6 @@ def parse_schedule(value: Any, key: str, problems: list[str]) -> WeightSchedule 
                           else "linear")
 
 
-def warmup_steps(warmup: float, steps: int) -> int:
-    """As training/schedule.py: a fraction of the steps below 1, else steps (a test pins it)."""
-    return int(round(warmup * steps)) if warmup < 1 else int(warmup)
-
-
-def decay_start(name: str, warmup: float, decay: float, steps: int) -> int:
-    """As training/schedule.py: the first step of the wsd cooldown (steps when none)."""
-    if name != "wsd":
-        return steps
-    length = int(round(decay * steps)) if decay < 1 else int(decay)
-    return max(warmup_steps(warmup, steps), steps - length)
-
-
 def resolve_step(position: Position, geometry: RunGeometry) -> int:
     """The optimizer step a position falls on (rounded to the nearest step boundary)."""
     if position.kind == "fraction":
@@ -200,8 +187,7 @@ def run_geometry(recipe: Any) -> RunGeometry | None:
         return None
     s = t.schedule
     return RunGeometry(steps=steps, global_batch=batch, seq_len=L, lr_schedule=s.name,
-                       warmup_steps=warmup_steps(s.warmup, steps),
-                       decay_start=decay_start(s.name, s.warmup, s.decay, steps))
+                       warmup_steps=s.warmup_steps(steps), decay_start=s.decay_start(steps))
 
 
 def value_at(points: list[tuple[int, float]], interpolate: str, step: float) -> float:

@@ -223,6 +223,18 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of the peak."""
 
+    def warmup_steps(self, total_steps: int) -> int:
+        """Warmup in steps: a fraction of the run below 1, else a number of steps."""
+        return int(round(self.warmup * total_steps)) if self.warmup < 1 else int(self.warmup)
+
+    def decay_start(self, total_steps: int) -> int:
+        """First step of the wsd cooldown (total_steps when there is none); mixture schedules
+        tied to `stable`/`decay` use the same boundary."""
+        if self.name != "wsd":
+            return total_steps
+        decay = int(round(self.decay * total_steps)) if self.decay < 1 else int(self.decay)
+        return max(self.warmup_steps(total_steps), total_steps - decay)
+
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:

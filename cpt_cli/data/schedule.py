@@ -32,11 +32,9 @@ import numpy as np
 from cpt_cli.config import Recipe, SourceConfig
 from cpt_cli.config.mixschedule import (
     RunGeometry,
-    decay_start,
     parse_schedule,
     resolve_points,
     value_at,
-    warmup_steps,
 )
 from cpt_cli.errors import RecipeError
 
@@ -198,8 +196,8 @@ def build_schedule(recipe: Recipe, sources: list[tuple[str, str, SourceConfig]],
         return None
     s = recipe.train.schedule
     geometry = RunGeometry(steps=steps, global_batch=global_batch, seq_len=recipe.data.seq_len,
-                           lr_schedule=s.name, warmup_steps=warmup_steps(s.warmup, steps),
-                           decay_start=decay_start(s.name, s.warmup, s.decay, steps))
+                           lr_schedule=s.name, warmup_steps=s.warmup_steps(steps),
+                           decay_start=s.decay_start(steps))
     return MixSchedule(weights=[_resolve(c.weight, geometry, c.min_weight) for _, _, c in sources],
                        roles=[role for _, role, _ in sources],
                        ratio=_resolve(ratio, geometry, 0.0), steps=steps,

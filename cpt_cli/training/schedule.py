@@ -26,15 +26,12 @@ from cpt_cli.config import ScheduleConfig
 
 
 def warmup_steps(config: ScheduleConfig, total_steps: int) -> int:
-    return int(round(config.warmup * total_steps)) if config.warmup < 1 else int(config.warmup)
+    return config.warmup_steps(total_steps)
 
 
 def decay_start(config: ScheduleConfig, total_steps: int) -> int:
     """First step of the wsd cooldown (total_steps when there is none)."""
-    if config.name != "wsd":
-        return total_steps
-    decay = int(round(config.decay * total_steps)) if config.decay < 1 else int(config.decay)
-    return max(warmup_steps(config, total_steps), total_steps - decay)
+    return config.decay_start(total_steps)
 
 
 def lr_multiplier(config: ScheduleConfig, step: int, total_steps: int) -> float:
