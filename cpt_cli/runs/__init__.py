@@ -1,0 +1,1 @@
+"""The run directory: its layout, atomic writes, the one-training lock, lineage and events."""
