@@ -82,10 +82,10 @@ def _run_steps(run: Run, signals: Signals) -> TrainingStopped | None:
     early (after its checkpoint, where one is due)."""
     state, P = run.state, run.accelerator.num_processes
     cuda = torch.cuda.is_available()
-    throughput = Throughput(run.tokens_per_step, run.flops_per_token,
-                            peak_flops(torch.cuda.get_device_name()) if cuda else None, P,
-                            start_step=state.step)
+    peak = peak_flops(torch.cuda.get_device_name()) if cuda else None
     run.display.start_training(run.steps, state.step, run.tokens_per_step)
+    throughput = Throughput(run.tokens_per_step, run.flops_per_token, peak, P,
+                            start_step=state.step)
     signals.defer()  # from here a signal stops the run after the current step, with a checkpoint
     run.model.train()
     for step, micro_batches in run.loader.iter_steps(state.step):
