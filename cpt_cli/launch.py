@@ -58,16 +58,11 @@ def check_before_launch(recipe: Any, config_file: Path | None, num_processes: in
 
     from cpt_cli.data.prepare import plan_data, prepare_data
     from cpt_cli.errors import UsageError
-    from cpt_cli.model import check_model_path
+    from cpt_cli.model import check_compiler, check_model_path
+    from cpt_cli.runs.layout import check_overwrite_keeps_model, resume_point, run_dir_for
     from cpt_cli.runs.lock import RunBusy, busy_message, check_free
-    from cpt_cli.training.loop import (
-        check_compiler,
-        check_overwrite_keeps_model,
-        check_resumable,
-        deepspeed_problems,
-        resume_point,
-        run_dir_for,
-    )
+    from cpt_cli.training.checkpoint import check_resumable
+    from cpt_cli.training.deepspeed import deepspeed_problems
 
     run_dir = run_dir_for(recipe, output_dir)
     resume_from = resume_point(run_dir, resume, overwrite)

@@ -1,10 +1,14 @@
-"""The starting model: loaded from a folder or the Hub, or built from a config."""
+"""The starting model: loaded from a folder or the Hub, or built from a config; and the checks and
+settings that depend on it (compiler, attention backend, activation checkpointing, compiling
+layer by layer), which training/setup.py applies."""
 
 from __future__ import annotations
 
 import difflib
 import json
+import shutil
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -192,3 +196,67 @@ def max_context(model: PreTrainedModel) -> int | None:
         if isinstance(value, int):
             return value
     return None
+
+
+def check_compiler(recipe: Recipe, cuda: bool, environ: Mapping[str, str]) -> None:
+    """train.compile on CPU builds C++ kernels at the first step: refuse up front, with the fix,
+    where no compiler would be found (an inductor traceback otherwise)."""
+    if recipe.train.compile and not cuda and cpu_compiler(environ) is None:
+        raise UsageError("train.compile: true on CPU needs a C++ compiler (torch.compile builds "
+                         "its CPU kernels with one) and none was found (CXX, g++, clang++, c++); "
+                         "install one (e.g. apt install g++) or set train.compile: false")
+
+
+def cpu_compiler(environ: Mapping[str, str]) -> str | None:
+    """The C++ compiler torch.compile's CPU backend would use: $CXX, else the first of g++,
+    clang++ or c++ on PATH."""
+    if environ.get("CXX"):
+        return shutil.which(environ["CXX"], path=environ.get("PATH"))
+    for name in ("g++", "clang++", "c++"):
+        found = shutil.which(name, path=environ.get("PATH"))
+        if found:
+            return found
+    return None
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated decoder layers (the first ModuleList of `*DecoderLayer`/`*Block`)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) and \
+                type(module[0]).__name__.endswith(("DecoderLayer", "Block")):
+            return list(module)
+    return []
+
+
+def compile_layers(model: torch.nn.Module) -> None:
+    """train.compile: layer by layer (as torchtitan does): each decoder layer compiles once and
+    is reused, so compile time does not grow with depth, and a graph break stays inside one
+    layer."""
+    for layer in decoder_layers(model):
+        layer.compile()
+
+
+def enable_activation_checkpointing(model: Any) -> None:
+    # Non-reentrant checkpointing: the reentrant kind computes no gradients for a layer whose
+    # inputs need none (frozen embeddings, say). transformers 5 renamed the method.
+    enable = getattr(model, "activation_checkpointing_enable", None) or \
+        model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
+def check_document_masking(recipe: Recipe, model: Any, cuda: bool) -> None:
+    """The attention backend can train here, and keeps attention within documents when
+    data.cross_document_attention is false."""
+    impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    if impl == "flex_attention" and not cuda:
+        raise UsageError("model.attn_implementation: flex_attention has no backward pass on a "
+                         "CPU in torch; train with sdpa (or eager) here")
+    if recipe.data.cross_document_attention:
+        return
+    # transformers builds a block-diagonal mask from restarted position_ids for these backends.
+    if impl not in ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"):
+        raise UsageError(
+            f"data.cross_document_attention is false, but the attention backend {impl!r} cannot "
+            "keep attention within documents of a packed sequence. Set model.attn_implementation "
+            "to sdpa, eager, flex_attention or flash_attention_2, or set "
+            "data.cross_document_attention=true.")

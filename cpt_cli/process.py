@@ -57,7 +57,8 @@ def end_worker(code: int) -> None:
     gloo threads abort now and then ("terminate called without an active exception", SIGABRT)
     even after the process group is destroyed, and the launcher then reports a finished run as
     failed (about one 2-process run in 30 without destroying the group, one in 140 with it, on
-    2 CPU cores). Trackers are finished and the process group destroyed before (trainer._end)."""
+    2 CPU cores). Trackers are finished and the process group destroyed before
+    (training/backend.end)."""
     world = os.environ.get("WORLD_SIZE", "")
     if not world.isdigit() or int(world) <= 1:
         return

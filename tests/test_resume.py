@@ -162,7 +162,7 @@ def test_changed_data_section_is_refused(straight: dict[str, Any]) -> None:
 
 
 def test_debris_of_a_killed_run_is_cleared_and_complete_checkpoints_kept(tmp_path: Path) -> None:
-    from cpt_cli.training.loop import remove_debris
+    from cpt_cli.runs.atomic import remove_debris
 
     root = tmp_path / "checkpoints"
 

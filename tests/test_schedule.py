@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cpt_cli.config import ScheduleConfig
-from cpt_cli.training.loop import make_scheduler
+from cpt_cli.training.optim import make_scheduler
 from cpt_cli.training.schedule import decay_start, lr_multiplier, warmup_steps
 
 TOTAL = 100

@@ -25,7 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from cpt_cli.config import load_recipe, recipe_from_config  # noqa: E402
 from cpt_cli.errors import UsageError  # noqa: E402
-from cpt_cli.training.loop import param_groups, train  # noqa: E402
+from cpt_cli.training.loop import train  # noqa: E402
+from cpt_cli.training.optim import param_groups  # noqa: E402
 from cpt_cli.training.schedule import lr_multiplier  # noqa: E402
 
 TINY_MODEL = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
@@ -394,7 +395,7 @@ def test_failed_final_write_is_exit_2_without_traceback(
 
 
 def test_world_size_guard() -> None:
-    from cpt_cli.training.loop import check_world
+    from cpt_cli.training.backend import check_world
 
     check_world(1, {})
     check_world(2, {"WORLD_SIZE": "2"})
@@ -423,9 +424,9 @@ def test_activation_checkpointing_trains_the_same(run: dict[str, Any]) -> None:
 
 
 def test_decoder_layers_are_found_for_per_layer_compile() -> None:
-    from cpt_cli.training.loop import _decoder_layers
+    from cpt_cli.model import decoder_layers
 
-    layers = _decoder_layers(_model({**TINY_MODEL, "vocab_size": 100}))
+    layers = decoder_layers(_model({**TINY_MODEL, "vocab_size": 100}))
     assert [type(layer).__name__ for layer in layers] == ["LlamaDecoderLayer"] * 2
 
 
@@ -458,7 +459,7 @@ def test_compiled_layers_train_without_falling_back(run: dict[str, Any]) -> None
 
 
 def test_training_flops_per_token() -> None:
-    from cpt_cli.training.loop import training_flops_per_token
+    from cpt_cli.training.throughput import training_flops_per_token
 
     d, f, n_layers, vocab, seq = 32, 64, 2, 100, 64
     per_layer = 4 * d * d + 3 * d * f + 2 * d  # q k v o, gate up down, two norms
@@ -471,7 +472,7 @@ def test_training_flops_per_token() -> None:
 
 
 def test_peak_flops_table_and_override() -> None:
-    from cpt_cli.training.loop import peak_flops
+    from cpt_cli.training.throughput import peak_flops
 
     assert peak_flops("NVIDIA H100 80GB HBM3", {}) == 989e12
     assert peak_flops("NVIDIA H100 PCIe", {}) == 756e12
@@ -481,7 +482,7 @@ def test_peak_flops_table_and_override() -> None:
 
 
 def test_cpu_compiler_lookup(tmp_path: Path) -> None:
-    from cpt_cli.training.loop import cpu_compiler
+    from cpt_cli.model import cpu_compiler
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -494,12 +495,12 @@ def test_cpu_compiler_lookup(tmp_path: Path) -> None:
 
 
 def test_precision_on_cpu_is_fp32(tmp_path: Path) -> None:
-    from cpt_cli.training.loop import _precision
+    from cpt_cli.training.backend import mixed_precision
 
     for precision in ("auto", "bf16", "fp16", "fp32"):
         recipe = tiny_recipe(tmp_path, "p", [{"name": "x", "path": "x.jsonl"}],
                              train={"precision": precision})
-        assert _precision(recipe, cuda=False) == "no"
+        assert mixed_precision(recipe, cuda=False) == "no"
 
 
 def test_cli_output_off_a_terminal_is_plain(run: dict[str, Any],
@@ -535,15 +536,15 @@ def test_signal_before_training_stops_without_writing(run: dict[str, Any],
     import signal
 
     from cpt_cli.errors import TrainingStopped
-    from cpt_cli.training import loop as trainer
+    from cpt_cli.training import setup
 
-    original = trainer.prepare_data
+    original = setup.prepare_data
 
     def interrupted(*args: Any, **kwargs: Any) -> Any:
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the data is being prepared
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "prepare_data", interrupted)
+    monkeypatch.setattr(setup, "prepare_data", interrupted)
     run_dir = run["tmp"] / "runs" / "early"
     with pytest.raises(TrainingStopped, match="SIGINT before training started") as stop:
         train(tiny_recipe(run["tmp"], "early", run["sources"]), output_dir=str(run_dir))

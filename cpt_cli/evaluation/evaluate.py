@@ -32,8 +32,9 @@ from cpt_cli.evaluation.report import (
 )
 from cpt_cli.evaluation.scoring import DocumentScores, default_max_length, resolve_window
 from cpt_cli.hostmemory import keep_freed_memory
+from cpt_cli.runs.events import read_events
 from cpt_cli.runs.layout import CHECKPOINTS, complete_checkpoints
-from cpt_cli.runs.lineage import HELDOUT_DIR, MANIFEST, read_events, read_heldout, read_manifest
+from cpt_cli.runs.lineage import HELDOUT_DIR, MANIFEST, read_heldout, read_manifest
 
 
 @dataclass

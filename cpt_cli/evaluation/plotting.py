@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from cpt_cli.errors import UsageError
-from cpt_cli.runs.lineage import read_events
+from cpt_cli.runs.events import read_events
 
 
 def check_available() -> None:

@@ -146,20 +146,6 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def read_events(path: Path) -> list[dict[str, Any]]:
-    """The events of a metrics.jsonl, skipping a line that is not a JSON object (the last one
-    of a run killed mid-write; the next `--resume auto` removes it)."""
-    events = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(event, dict):
-            events.append(event)
-    return events
-
-
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON atomically (temporary file, then rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
