@@ -47,7 +47,8 @@ def _free_port() -> int:
 
 
 def check_before_launch(recipe: Any, config_file: Path | None, num_processes: int,
-                        output_dir: str | None, resume: str | None, overwrite: bool) -> None:
+                        output_dir: str | None, resume: str | None, overwrite: bool, *,
+                        replan: bool = False) -> None:
     """Refuse here, once, with exit status 2, what every launched process would refuse: the
     launcher would wrap each process's message in its own traceback and exit 1. Checks the run
     directory (free, or resumable as asked), train.compile's C++ compiler on CPU, the model
@@ -61,7 +62,7 @@ def check_before_launch(recipe: Any, config_file: Path | None, num_processes: in
     from cpt_cli.model import check_compiler, check_model_path
     from cpt_cli.runs.layout import check_overwrite_keeps_model, resume_point, run_dir_for
     from cpt_cli.runs.lock import RunBusy, busy_message, check_free
-    from cpt_cli.training.checkpoint import check_resumable
+    from cpt_cli.training.checkpoint import plan_resumed
     from cpt_cli.training.deepspeed import deepspeed_problems
 
     run_dir = run_dir_for(recipe, output_dir)
@@ -96,9 +97,10 @@ def check_before_launch(recipe: Any, config_file: Path | None, num_processes: in
             if problems:
                 raise UsageError(f"this recipe cannot train under {config_file}'s DeepSpeed:",
                                  problems)
-    data = plan_data(recipe, prepare_data(recipe), num_processes)
     if resume_from is not None:
-        check_resumable(resume_from, data, num_processes)
+        plan_resumed(resume_from, recipe, prepare_data(recipe), num_processes, replan=replan)
+    else:
+        plan_data(recipe, prepare_data(recipe), num_processes)
 
 
 _NOT_DEEPSPEED = object()

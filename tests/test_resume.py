@@ -153,7 +153,8 @@ def test_changed_data_section_is_refused(straight: dict[str, Any]) -> None:
                                  "schedule": {"name": "wsd", "warmup": 2, "decay": 0.5}},
                           eval={"every_steps": 4})
     recipe_yaml = (run_dir / "recipe.yaml").read_text()
-    with pytest.raises(UsageError, match="data plan changed.*Restore the recipe's data section"):
+    # The key is named with both values (a weight is the mixture: --replan applies it).
+    with pytest.raises(UsageError, match=r"data.sources.code.weight: 0.5 -> 2.0.*--replan"):
         train(changed, output_dir=str(run_dir), resume="auto")
     assert (run_dir / "recipe.yaml").read_text() == recipe_yaml
     # The refusal touched nothing: the newest checkpoint is still the one to resume.

@@ -73,7 +73,10 @@ def test_a_source_is_named_by_its_name() -> None:
     new = copy.deepcopy(PLAIN)
     new["data"]["sources"][1]["weight"] = 0.7
     (change,) = resume.changes(PLAIN, new)
-    assert change.key == "data.sources.qa.weight" and change.action == "refuse"
+    assert change.key == "data.sources.qa.weight" and change.action == "replan"
+    message = resume.refusal([change], "ckpt", step=25)
+    assert message is not None and "--replan" in message and "from step 25" in message
+    assert resume.refusal([change], "ckpt", replan=True) is None
 
 
 def test_sources_added_or_reordered_change_the_list() -> None:

@@ -31,6 +31,9 @@ def train(
                          "checkpoint folder.")] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", metavar=Flag, help="Replace an existing run directory.")] = False,
+    replan: Annotated[bool, typer.Option(
+        "--replan", metavar=Flag, help="With --resume: apply a changed mixture (weights, "
+                                       "replay ratio) from the checkpoint's step on.")] = False,
     num_processes: Annotated[int | None, typer.Option(
         "--num-processes", min=1, help="Processes to launch through accelerate (default: "
                                 "launch.num_processes).")] = None,
@@ -56,11 +59,12 @@ def train(
         if not already_launched() and (procs > 1 or loaded.launch.accelerate_config):
             config_file = loaded.launch.accelerate_config
             config_path = resolve_path(loaded, config_file) if config_file else None
-            check_before_launch(loaded, config_path, procs, output_dir, resume, overwrite)
+            check_before_launch(loaded, config_path, procs, output_dir, resume, overwrite,
+                                replan=replan)
             return relaunch(procs, str(config_path) if config_path else None, sys.argv[1:])
         try:
             result = train_stage(loaded, output_dir=output_dir, resume=resume,
-                                 overwrite=overwrite)
+                                 overwrite=overwrite, replan=replan)
         except TrainingStopped as stop:
             if "--resume auto" in str(stop):
                 raise TrainingStopped(f"{stop}\n  resume: {resume_command(sys.argv[1:])}",

@@ -9,6 +9,10 @@ none (a new key cannot be forgotten):
 - `apply`: the change alters training from the checkpoint's step on (learning rate, schedule,
   clipping, precision); it is applied from that step and recorded as a revision
   (step, key, old, new) in the manifest and `metrics.jsonl`.
+- `replan`: the mixture's future (a source's `weight` or `min_weight`, `data.replay.ratio`):
+  refused unless `cpt train --resume ... --replan`, which keeps the steps already trained as they
+  were, continues each source from its own read position and plans the rest on the new mixture
+  (a plan revision, recorded in the manifest and `metrics.jsonl`).
 - `refuse`: the change would make the steps already trained a different run (the data plan,
   the model, the seed); the resume stops, naming the key, both values and the way out.
 
@@ -24,12 +28,13 @@ from typing import Any, Literal
 
 from cpt_cli.config.schema import Recipe
 
-Action = Literal["continue", "apply", "refuse"]
+Action = Literal["continue", "apply", "replan", "refuse"]
 
 # The way out for a refused change, by the first matching pattern.
 NEW_STAGE = ("start a new stage from the checkpoint instead (model.path: <run>/checkpoints/step-N "
              "or <run>/final, with train.optimizer.load_from_parent: true to keep the optimizer)")
 _PLAN = "the data plan: sequence i of the steps already trained would be other text"
+_MIX = "the mixture from the checkpoint's step on, with --replan (the past stays as trained)"
 
 # key pattern -> (action, why). `*` in `sources.*` stands for one source, named in messages.
 RULES: dict[str, tuple[Action, str]] = {
@@ -44,15 +49,15 @@ RULES: dict[str, tuple[Action, str]] = {
     "data.sources.*.hf.*": ("refuse", _PLAN),
     "data.sources.*.text_field": ("refuse", _PLAN),
     "data.sources.*.template": ("refuse", _PLAN),
-    "data.sources.*.weight": ("refuse", _PLAN),
-    "data.sources.*.min_weight": ("refuse", _PLAN),
+    "data.sources.*.weight": ("replan", _MIX),
+    "data.sources.*.min_weight": ("replan", _MIX),
     "data.sources.*.allow_drop": ("continue", "a permission the schedule is checked against"),
     "data.sources.*.min_chars": ("refuse", _PLAN),
     "data.sources.*.max_chars": ("refuse", _PLAN),
     "data.sources.*.max_epochs": ("continue", "a limit the plan is checked against, not the plan"),
     "data.sources.*.on_error": ("refuse", "which records are trained"),
     "data.sources": ("refuse", "the list of sources: " + _PLAN),
-    "data.replay.ratio": ("refuse", _PLAN),
+    "data.replay.ratio": ("replan", _MIX),
     "data.replay.inherit": ("refuse", _PLAN),
     "data.replay.allow_drop": ("continue", "a permission the schedule is checked against"),
     "data.replay.sources.*.name": ("refuse", _PLAN),
@@ -60,8 +65,8 @@ RULES: dict[str, tuple[Action, str]] = {
     "data.replay.sources.*.hf.*": ("refuse", _PLAN),
     "data.replay.sources.*.text_field": ("refuse", _PLAN),
     "data.replay.sources.*.template": ("refuse", _PLAN),
-    "data.replay.sources.*.weight": ("refuse", _PLAN),
-    "data.replay.sources.*.min_weight": ("refuse", _PLAN),
+    "data.replay.sources.*.weight": ("replan", _MIX),
+    "data.replay.sources.*.min_weight": ("replan", _MIX),
     "data.replay.sources.*.allow_drop": ("continue",
                                          "a permission the schedule is checked against"),
     "data.replay.sources.*.min_chars": ("refuse", _PLAN),
@@ -203,15 +208,25 @@ def _is_free_form(key: str) -> bool:
     return key == "model.init.config"
 
 
-def refusal(changed: list[Change], checkpoint: str) -> str | None:
-    """One message naming every refused change, or None when the resume may go on."""
+def refusal(changed: list[Change], checkpoint: str, *, replan: bool = False,
+            step: int | None = None) -> str | None:
+    """One message naming every change the resume cannot follow (a mixture change counts
+    unless `replan`), or None when the resume may go on."""
     refused = [c for c in changed if c.action == "refuse"]
-    if not refused:
+    mixture = [c for c in changed if c.action == "replan"] if not replan else []
+    if not refused and not mixture:
         return None
-    lines = [f"cannot resume from {checkpoint}: the recipe changed where a resume cannot follow:"]
-    lines += [f"  {c.key}: {_shown(c.old)} -> {_shown(c.new)} ({c.why})" for c in refused]
-    lines.append(f"Restore {'these keys' if len(refused) > 1 else 'this key'} to resume, or "
-                 + NEW_STAGE + ".")
+    lines = [f"cannot resume from {checkpoint}: the recipe changed since it was written:"]
+    lines += [f"  {c.key}: {_shown(c.old)} -> {_shown(c.new)} ({c.why})"
+              for c in refused + mixture]
+    if refused:
+        lines.append(f"Restore {'these keys' if len(refused) > 1 else 'this key'} to resume, or "
+                     + NEW_STAGE + ".")
+    if mixture:
+        at = f" from step {step}" if step is not None else ""
+        lines.append(f"The mixture changed: pass --replan to apply it{at} (the steps already "
+                     "trained stay as they were; each source continues where it stopped "
+                     "reading), or restore it.")
     return "\n".join(lines)
 
 

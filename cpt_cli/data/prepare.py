@@ -118,6 +118,11 @@ class PreparedData:
     streams: list[Any] = field(default_factory=list)
     steps: int = 0
     global_batch: int = 0
+    # The mixture in force from each step ([{"step", "mix"}], see data/replan.py) and the recipe
+    # changes a resume applied ([{"step", "changes"}], see config/resume.py): both go into every
+    # checkpoint and the manifest.
+    plan_history: list[dict[str, Any]] = field(default_factory=list)
+    revisions: list[dict[str, Any]] = field(default_factory=list)
 
 
 def cache_dir_for(recipe: Recipe) -> Path:

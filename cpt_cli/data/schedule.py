@@ -187,12 +187,14 @@ def segment_counts(targets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def build_schedule(recipe: Recipe, sources: list[tuple[str, str, SourceConfig]], steps: int,
-                   global_batch: int) -> MixSchedule | None:
+                   global_batch: int, *, always: bool = False) -> MixSchedule | None:
     """The recipe's schedules resolved on this run; None when every weight and the replay ratio
     are plain numbers (the constant plan, unchanged). `sources` are (name, role, config) in plan
-    order. The recipe was checked when it loaded, so resolving here reports nothing new."""
+    order. The recipe was checked when it loaded, so resolving here reports nothing new. With
+    `always`, a constant mixture is a (constant) schedule too: what a plan revision needs."""
     ratio = recipe.data.replay.ratio
-    if not isinstance(ratio, dict) and not any(isinstance(c.weight, dict) for _, _, c in sources):
+    if not always and not isinstance(ratio, dict) and \
+            not any(isinstance(c.weight, dict) for _, _, c in sources):
         return None
     s = recipe.train.schedule
     geometry = RunGeometry(steps=steps, global_batch=global_batch, seq_len=recipe.data.seq_len,

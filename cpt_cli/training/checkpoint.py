@@ -19,7 +19,10 @@ import torch
 from safetensors import SafetensorError
 
 from cpt_cli.config import Recipe, model_location, to_plain
+from cpt_cli.config.resume import changes as recipe_changes
+from cpt_cli.config.resume import refusal
 from cpt_cli.data.prepare import PreparedData
+from cpt_cli.data.replan import mix_of, plan_history, revise
 from cpt_cli.errors import UsageError
 from cpt_cli.runs.atomic import fsync_tree, publish, rotate
 from cpt_cli.runs.layout import CHECKPOINTS
@@ -31,7 +34,12 @@ from cpt_cli.training.deepspeed import (
     load_deepspeed_state,
     save_deepspeed_state,
 )
-from cpt_cli.training.optim import load_state, optimizer_state, restore_optimizer
+from cpt_cli.training.optim import (
+    apply_hyperparameters,
+    load_state,
+    optimizer_state,
+    restore_optimizer,
+)
 from cpt_cli.training.schedule import decay_start
 
 
@@ -100,8 +108,12 @@ class Checkpointer:
                     "step": state.step, "bad_steps": state.bad_steps,
                     "peak_forgetting": state.peak_forgetting, "data": {
                         "plan": data.plan.fingerprint(), "sequences_consumed":
-                        state.step * data.global_batch},
-                    "num_processes": accelerator.num_processes, "keep": keep_forever})
+                        state.step * data.global_batch,
+                        "sources": {s.name: s.content for s in data.plan.sources}},
+                    "num_processes": accelerator.num_processes, "keep": keep_forever,
+                    # What a resume compares the recipe with, and the plan it rebuilds.
+                    "recipe": to_plain(self.recipe), "plan_history": data.plan_history,
+                    "revisions": data.revisions})
                 fsync_tree(tmp)
                 publish(tmp, target)
                 rotate(self.root, self.recipe.train.checkpoint.keep)
@@ -153,12 +165,17 @@ class Checkpointer:
     def restore(self, path: Path) -> RunState:
         """Weights, optimizer, scheduler and this process's RNG from checkpoint `path`."""
         accelerator = self.accelerator
-        meta = check_resumable(path, self.data, accelerator.num_processes)
+        meta = read_trainer_state(path)  # checked against the recipe when the data was planned
         if is_deepspeed(accelerator):
             load_deepspeed_state(path, self.model)
         else:
             _load_weights_and_optimizer(path, accelerator, self.model, self.optimizer)
         self.scheduler.load_state_dict(load_state(path / "scheduler.pt"))
+        applied = [c["key"] for r in self.data.revisions if r["step"] == meta["step"]
+                   for c in r["changes"]]
+        if any(k.startswith(("train.optimizer.", "train.schedule.")) for k in applied):
+            apply_hyperparameters(self.optimizer, self.scheduler,
+                                  accelerator.unwrap_model(self.model), self.recipe)
         rng = path / f"rng-{accelerator.process_index}.pt"
         if rng.exists():
             set_rng_state(load_state(rng))
@@ -210,26 +227,62 @@ def write_model_folder(folder: Path, run_dir: Path, unwrapped: Any, state_dict: 
     copy_heldout(run_dir, folder)
 
 
-def check_resumable(path: Path, data: PreparedData, num_processes: int) -> dict[str, Any]:
-    """The checkpoint's trainer_state.json, once it is known to continue this very run: the
-    same data plan (sequence i is the same text) and the same number of processes (each one's
-    RNG state is in the checkpoint)."""
+def read_trainer_state(path: Path) -> dict[str, Any]:
     try:
-        meta = json.loads((path / "trainer_state.json").read_text())
+        return json.loads((path / "trainer_state.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise UsageError(f"cannot resume from {path}: its trainer_state.json cannot be read "
                          f"({err}); resume from another checkpoint (--resume "
                          "checkpoints/step-N)") from None
-    assert data.plan is not None
-    if meta["data"]["plan"] != data.plan.fingerprint():
-        raise UsageError(f"cannot resume from {path}: the data plan changed since it was written "
-                         "(sources, weights, seq_len, budget or batch). Restore the recipe's data "
-                         "section, or start a new stage with model.path pointing at a checkpoint.")
+
+
+def plan_resumed(path: Path, recipe: Recipe, data: PreparedData, num_processes: int, *,
+                 replan: bool = False) -> PreparedData:
+    """The plan of a run resumed from checkpoint `path`, once it is known to continue this very
+    run. Every recipe key that changed is judged by its rule (config/resume.py): refused ones
+    are named with both values; a changed mixture is applied from the checkpoint's step with
+    `replan` (a plan revision); applied changes are recorded in `data.revisions`. The plan is
+    rebuilt from the checkpoint's own history, so sequence i of the steps already trained is the
+    same text, and the same number of processes is required (each one's RNG state is saved)."""
+    meta = read_trainer_state(path)
     if meta["num_processes"] != num_processes:
         raise UsageError(f"cannot resume from {path}: it was written by "
                          f"{meta['num_processes']} processes, this run has {num_processes}. "
                          "Resume with the same --num-processes.")
-    return meta
+    # Checkpoints from before the recipe was saved in them are checked by the plan alone.
+    changed = recipe_changes(meta["recipe"], to_plain(recipe)) if "recipe" in meta else []
+    message = refusal(changed, str(path), replan=replan, step=meta["step"])
+    if message:
+        raise UsageError(message)
+    history = meta.get("plan_history") or [{"step": 0, "mix": mix_of(recipe)}]
+    data = plan_history(recipe, data, num_processes, history)
+    assert data.plan is not None
+    if meta["data"]["plan"] != data.plan.fingerprint():
+        raise UsageError(_plan_changed(path, meta, data))
+    mixture = [c for c in changed if c.action == "replan"]
+    if mixture:
+        data = revise(recipe, data, meta["step"], mix_of(recipe))
+    data.revisions = list(meta.get("revisions", []))
+    applied = [c.as_dict() for c in changed if c.action in ("apply", "replan")]
+    if applied:
+        revision: dict[str, Any] = {"step": meta["step"], "changes": applied}
+        if mixture:
+            revision["plan"] = {k: data.plan.revisions[-1][k] for k in ("old", "new")}
+        data.revisions.append(revision)
+    return data
+
+
+def _plan_changed(path: Path, meta: dict[str, Any], data: PreparedData) -> str:
+    """The recipe's keys are those of the checkpoint, yet the plan differs: the data did."""
+    assert data.plan is not None
+    saved = meta["data"].get("sources", {})
+    now = {s.name: s.content for s in data.plan.sources}
+    moved = [n for n in now if n in saved and saved[n] != now[n]]
+    what = (f"the documents of {', '.join(repr(n) for n in moved)} changed since (their files, "
+            "or what the cache or the holdout took from them)") if moved else \
+        "the data plan changed since (sources, weights, seq_len, budget or batch)"
+    return (f"cannot resume from {path}: {what}. Restore the data, or start a new stage with "
+            "model.path pointing at the checkpoint.")
 
 
 def check_checkpoint_weights(path: Path, model: Any) -> None:
@@ -322,6 +375,9 @@ def manifest(recipe: Recipe, data: PreparedData, step: int, accelerator: Any) ->
                                 "lr": recipe.train.optimizer.lr},
                    "sources": stage_sources,
                    "environment": environment(accelerator.num_processes,
-                                              accelerator.device.type)})
+                                              accelerator.device.type),
+                   # Only when a resume changed the recipe: what changed, from which step.
+                   **({"revisions": data.revisions} if data.revisions else {}),
+                   **({"plan_revisions": data.plan.revisions} if data.plan.revisions else {})})
     return {"format": FORMAT, "name": recipe.name, "stages": stages, "sources": sources,
             "tokenizer_fingerprint": data.tokenizer_fp}

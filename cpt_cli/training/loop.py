@@ -47,15 +47,18 @@ class TrainResult:
 
 def train(recipe: Recipe, *, output_dir: str | None = None, resume: str | None = None,
           overwrite: bool = False, console: Any = None,
-          on_event: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+          on_event: Callable[[dict[str, Any]], None] | None = None,
+          replan: bool = False) -> TrainResult:
     """Train one stage. `resume`: None (refuse an existing run dir), "auto", "never" or a
-    checkpoint path. `on_event` sees every event written to metrics.jsonl. Returns the run
+    checkpoint path; `replan`: a resume applies a changed mixture from the checkpoint's step
+    (config/resume.py). `on_event` sees every event written to metrics.jsonl. Returns the run
     directory and the final forgetting report; raises `TrainingStopped` when the run stops early
     (signal, NaN loss, forgetting budget) and `UsageError` for anything the user can fix."""
     with Signals() as signals, contextlib.ExitStack() as cleanup:
         try:
             return _train(recipe, signals, cleanup, output_dir=output_dir, resume=resume,
-                          overwrite=overwrite, console=console, on_event=on_event)
+                          overwrite=overwrite, console=console, on_event=on_event,
+                          replan=replan)
         except StopNow as stop:
             raise TrainingStopped(f"received {stop} before training started: nothing was "
                                   "trained and nothing needs saving; run the same command "
@@ -64,9 +67,9 @@ def train(recipe: Recipe, *, output_dir: str | None = None, resume: str | None =
 
 def _train(recipe: Recipe, signals: Signals, cleanup: contextlib.ExitStack, *,
            output_dir: str | None, resume: str | None, overwrite: bool, console: Any,
-           on_event: Callable[[dict[str, Any]], None] | None) -> TrainResult:
+           on_event: Callable[[dict[str, Any]], None] | None, replan: bool) -> TrainResult:
     run = set_up(recipe, cleanup, output_dir=output_dir, resume=resume, overwrite=overwrite,
-                 console=console, on_event=on_event)
+                 console=console, on_event=on_event, replan=replan)
     stopped = _run_steps(run, signals)
     run.display.stop()
     if stopped is not None:

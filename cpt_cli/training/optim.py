@@ -133,3 +133,21 @@ def load_parent_optimizer(recipe: Recipe, model: Any, optimizer: torch.optim.Opt
                     f"holds a {tuple(moments['exp_avg'].shape)} moment for a parameter of shape "
                     f"{tuple(param.shape)}: it belongs to another model. Set load_from_parent: "
                     "false")
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any, model: Any,
+                          recipe: Recipe) -> None:
+    """The recipe's optimizer settings on a restored optimizer and scheduler, from this step
+    on. Restoring brings back the checkpoint's values, the peak rate included (LambdaLR saves
+    its `base_lrs`): a resume with a lowered `train.optimizer.lr` used to train on at the old
+    rate while recipe.yaml and the manifest said the new one. The schedule's shape needs nothing
+    here: the scheduler's multipliers are built from the recipe and are not saved."""
+    o = recipe.train.optimizer
+    fresh = param_groups(model, recipe)  # the same groups in the same order, from the recipe
+    for group, new in zip(optimizer.param_groups, fresh, strict=True):
+        group.update(weight_decay=new["weight_decay"], lr_scale=new["lr_scale"],
+                     betas=tuple(o.betas), eps=o.eps, initial_lr=o.lr)
+    scheduler.base_lrs = [o.lr] * len(optimizer.param_groups)
+    for group, base, multiplier in zip(optimizer.param_groups, scheduler.base_lrs,
+                                       scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * multiplier(scheduler.last_epoch)

@@ -22,7 +22,8 @@ import torch
 
 from cpt_cli.config import Recipe, save_recipe
 from cpt_cli.data.loader import PackedLoader
-from cpt_cli.data.prepare import PreparedData, batch_geometry, plan_data, prepare_data
+from cpt_cli.data.prepare import PreparedData, batch_geometry, prepare_data
+from cpt_cli.data.replan import mix_of, plan_history
 from cpt_cli.errors import UsageError
 from cpt_cli.evaluation.report import (
     forgetting_table,
@@ -55,7 +56,7 @@ from cpt_cli.training.checkpoint import (
     Checkpointer,
     RunState,
     check_checkpoint_weights,
-    check_resumable,
+    plan_resumed,
 )
 from cpt_cli.training.collective import lock_together, main_first, write_together
 from cpt_cli.training.deepspeed import configure_deepspeed, is_deepspeed
@@ -122,7 +123,7 @@ class Run:
 
 def set_up(recipe: Recipe, cleanup: contextlib.ExitStack, *, output_dir: str | None,
            resume: str | None, overwrite: bool, console: Any,
-           on_event: Callable[[dict[str, Any]], None] | None) -> Run:
+           on_event: Callable[[dict[str, Any]], None] | None, replan: bool = False) -> Run:
     """Every phase, in order; `cleanup` releases the run directory's lock when the run ends."""
     from transformers.utils import logging as hf_logging
 
@@ -152,7 +153,7 @@ def set_up(recipe: Recipe, cleanup: contextlib.ExitStack, *, output_dir: str | N
     display = _display(recipe, accelerator, console)
     # 3. The data before the model: it brings the tokenizer, and its batch geometry is what
     #    DeepSpeed's config and the resume check need.
-    data, accum, steps = _set_up_data(recipe, accelerator, display, resume_from)
+    data, accum, steps = _set_up_data(recipe, accelerator, display, resume_from, replan)
     # 4. The model, then 5. its optimizer (AdamW over the parameter groups, perhaps the parent's
     #    moments), both before accelerate wraps them together.
     model, eval_window = _set_up_model(recipe, data)
@@ -185,19 +186,22 @@ def _display(recipe: Recipe, accelerator: Any, console: Any) -> TrainDisplay:
 
 
 def _set_up_data(recipe: Recipe, accelerator: Any, display: TrainDisplay,
-                 resume_from: Path | None) -> tuple[PreparedData, int, int]:
-    """The prepared data and its plan, the gradient accumulation and the number of steps."""
+                 resume_from: Path | None, replan: bool) -> tuple[PreparedData, int, int]:
+    """The prepared data and its plan, the gradient accumulation and the number of steps. A
+    resumed run's plan is rebuilt from its checkpoint and the recipe's changes judged (before
+    anything in the run directory changes)."""
     P = accelerator.num_processes
     # Rank 0 fills the cache; the others then read it. The plan is the same on every process.
-    data = plan_data(recipe, main_first(accelerator, lambda: prepare_data(
-        recipe, progress=display.data_progress)), P)
+    prepared = main_first(accelerator, lambda: prepare_data(recipe,
+                                                            progress=display.data_progress))
+    data = plan_resumed(resume_from, recipe, prepared, P, replan=replan) \
+        if resume_from is not None else plan_history(recipe, prepared, P,
+                                                     [{"step": 0, "mix": mix_of(recipe)}])
     for warning in data.plan.warnings:  # the plan's one list, as `cpt mix inspect` shows it
         display.warning(warning)
     _, accum, steps = batch_geometry(recipe, P)
     if is_deepspeed(accelerator):
         configure_deepspeed(accelerator, recipe, accum)
-    if resume_from is not None:
-        check_resumable(resume_from, data, P)  # before anything in the run directory changes
     return data, accum, steps
 
 
@@ -268,11 +272,18 @@ def _set_up_training(recipe: Recipe, run_dir: Path, accelerator: Any, display: T
         lambda: MetricsLog(run_dir / "metrics.jsonl", main, state.step))
     if accelerator.trackers:
         accelerator.init_trackers(recipe.name)
-    return Run(recipe=recipe, run_dir=run_dir, accelerator=accelerator, display=display,
-               data=data, steps=steps, deepspeed=is_deepspeed(accelerator), model=model,
-               eval_window=eval_window, flops_per_token=flops_per_token, optimizer=optimizer,
-               scheduler=scheduler, checkpointer=checkpointer, state=state, loader=loader,
-               metrics=metrics, on_event=on_event)
+    run = Run(recipe=recipe, run_dir=run_dir, accelerator=accelerator, display=display,
+              data=data, steps=steps, deepspeed=is_deepspeed(accelerator), model=model,
+              eval_window=eval_window, flops_per_token=flops_per_token, optimizer=optimizer,
+              scheduler=scheduler, checkpointer=checkpointer, state=state, loader=loader,
+              metrics=metrics, on_event=on_event)
+    revision = data.revisions[-1] if data.revisions else None
+    if resume_from is not None and revision is not None and revision["step"] == state.step:
+        run.emit({"event": "revision", **revision})  # what this resume changed, from this step
+        for change in revision["changes"]:
+            display.status(f"resume applies {change['key']}: {change['old']!r} -> "
+                           f"{change['new']!r} from step {state.step}")
+    return run
 
 
 def _start_scores(run: Run) -> Any:

@@ -37,7 +37,7 @@ def train_step(run: Run, step: int, micro_batches: Sequence[Any],
     loss, stop_requested, grad_norm = _host_sync(run, step_loss, norm, signals)
     # The lr this update uses (the scheduler then moves on to the next step's); the first
     # group holds matrices, whose lr_scale is 1.
-    lr = run.scheduler.get_last_lr()[0] / run.optimizer.param_groups[0]["lr_scale"]
+    lr = run.optimizer.param_groups[0]["lr"] / run.optimizer.param_groups[0]["lr_scale"]
     check_grad_norm = run.accelerator.mixed_precision != "fp16"  # the fp16 scaler skips infs
     bad = not math.isfinite(loss) or (
         check_grad_norm and grad_norm is not None and not math.isfinite(grad_norm))
