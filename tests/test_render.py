@@ -19,7 +19,11 @@ from cpt_cli.cli import render
 from cpt_cli.config import load_recipe
 from cpt_cli.evaluation.report import forgetting_table
 from cpt_cli.evaluation.scoring import DocumentScores
-from tests.conftest import TINY_LLAMA
+
+# conftest's TINY_LLAMA: a 2-layer, 32-wide Llama (a module-scoped fixture cannot take tiny_recipe).
+TINY_LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+              "max_position_embeddings": 128}
 
 
 @pytest.fixture(scope="module")
