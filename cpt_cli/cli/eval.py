@@ -90,7 +90,9 @@ def eval_command(
         if json_out:
             print_json(report)
         else:
-            render.forgetting(report, Console(width=max(120, Console().width)))
+            # 100 columns at least, even in a pipe (80 there): the tables fit 100 without
+            # wrapping a row (tests/test_render.py).
+            render.forgetting(report, Console(width=max(100, Console().width)))
         if plot is not None:  # after the table: a write that still fails loses no figure
             from cpt_cli.evaluation.plotting import plot_run
             plot_run(path, report, plot)

@@ -54,7 +54,9 @@ def inspect_command(
         if json_out:
             print_json(result)
         else:
-            console = Console(width=max(140, Console().width))
+            # 100 columns at least, even in a pipe (80 there): the tables fit 100 without
+            # wrapping a row (tests/test_render.py).
+            console = Console(width=max(100, Console().width))
             render.plan(result, console, loaded.name)
             render.phases(result, console)
             if plot is not None:

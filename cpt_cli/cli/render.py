@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -15,33 +16,84 @@ def _num(x: Any, fmt: str = ".4f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _count(n: int) -> str:
+    """Exact below a million ("999,999": 7 characters), 3 significant digits above ("1.26M",
+    "2.05B"), so a 2B-token run's columns stay as narrow as a laptop run's."""
+    if n < 1_000_000:
+        return f"{n:,}"
+    for unit, scale in (("T", 10**12), ("B", 10**9)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n / 10**6:.3g}M"
+
+
+def _ppl(x: float | None) -> str:
+    """Three significant digits ("5.57", "38.1", "291"), whole numbers from 1,000 ("32,011")."""
+    if x is None:
+        return "-"
+    for limit, fmt in ((9.995, ".2f"), (99.95, ".1f"), (999.5, ".0f")):
+        if x < limit:
+            return format(x, fmt)
+    return _count(round(x))
+
+
+def _table(title: str) -> Table:
+    """A table without vertical rules: two spaces between columns instead of a border and two
+    spaces of padding, which is what fits the 9-column forgetting table in 100 columns (boxed,
+    it needed 120 and still wrapped its intervals). Cells fold rather than end in "…": at a
+    width too narrow for the table a row grows a line, but no figure is cut."""
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+                 pad_edge=False, collapse_padding=True)
+
+
+def _columns(table: Table, names: tuple[str, ...], left: tuple[str, ...]) -> None:
+    for name in names:
+        table.add_column(name, justify="left" if name in left else "right", overflow="fold")
+
+
+def _change(d: dict[str, Any]) -> tuple[Text, str]:
+    """A domain's change against its start, worded by what it means for its role, as a positive
+    amount ("gain", "worse" for a target; "forgot", "improved" for a retained domain), and its
+    95% interval oriented the same way: a retained domain that got better reads "improved
+    0.0333 / 0.021 to 0.046", never "forgot -0.0333"."""
+    delta = d.get("delta_bpb")
+    if delta is None:
+        return Text("-"), "-"
+    better = delta < 0
+    if delta == 0:
+        change = Text("unchanged 0.0000")
+    elif d["role"] == "target":
+        change = Text(f"{'gain' if better else 'worse'} {abs(delta):.4f}",
+                      style="green" if better else "red")
+    else:
+        change = Text(f"{'improved' if better else 'forgot'} {abs(delta):.4f}",
+                      style="green" if better else "red")
+    if d.get("significant") is False:
+        change.stylize("dim")
+        change.append(" n.s.")
+    low, high = d.get("ci_low"), d.get("ci_high")
+    if low is None or high is None:
+        return change, "-"
+    if better:  # the amount shown is -delta: its interval is the delta's, negated and swapped
+        low, high = -high, -low
+    return change, f"{low:.3f} to {high:.3f}"
+
+
 def forgetting(report: dict[str, Any], console: Console, title: str | None = None) -> None:
-    table = Table(title=title or f"forgetting table: {report.get('model', '')}",
-                  title_justify="left")
-    for col in ("domain", "role", "tokens", "loss", "ppl", "bpb", "start bpb", "delta bpb",
-                "95% CI", "gain / forgetting"):
-        table.add_column(col, justify="left" if col in ("domain", "role") else "right")
+    table = _table(title or f"forgetting table: {report.get('model', '')}")
+    # "start" is the start model's bpb: "start bpb" cost the 3 columns that let a 14-character
+    # domain with "improved 0.0030 n.s." fit 100 columns.
+    _columns(table, ("domain", "role", "tokens", "loss", "ppl", "bpb", "start",
+                     "change in bpb", "95% CI"), left=("domain", "role", "change in bpb"))
     for d in report["domains"]:
-        delta = d.get("delta_bpb")
-        significant = d.get("significant")
-        if delta is None:
-            change = Text("-")
-        elif d["role"] == "target":
-            change = Text(f"gain {-delta:+.4f}", style="green" if delta < 0 else "red")
-        else:
-            change = Text(f"forgot {delta:+.4f}", style="red" if delta > 0 else "green")
-        if significant is False:
-            change.stylize("dim")
-            change.append(" (n.s.)")
-        ci = "-" if d.get("ci_low") is None else f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
-        table.add_row(d["name"], d["role"], f"{d['tokens']:,}", _num(d["loss"]),
-                      _num(d.get("ppl"), ".2f"), _num(d["bpb"]), _num(d.get("start_bpb")),
-                      _num(delta, "+.4f"), ci, change)
+        change, interval = _change(d)
+        table.add_row(d["name"], d["role"], _count(d["tokens"]), _num(d["loss"], ".3f"),
+                      _ppl(d.get("ppl")), _num(d["bpb"]), _num(d.get("start_bpb")), change,
+                      interval)
     console.print(table)
     if report.get("downstream"):
-        tasks = Table(title="downstream tasks (lm-evaluation-harness)", title_justify="left")
-        for col in ("task", "metric", "start", "now", "delta"):
-            tasks.add_column(col, justify="left" if col in ("task", "metric") else "right")
+        tasks = _table("downstream tasks (lm-evaluation-harness)")
+        _columns(tasks, ("task", "metric", "start", "now", "delta"), left=("task", "metric"))
         for row in report["downstream"]:
             tasks.add_row(row["task"], row["metric"], _num(row["start"]), _num(row["now"]),
                           _num(row["delta"], "+.4f"))
@@ -50,27 +102,35 @@ def forgetting(report: dict[str, Any], console: Console, title: str | None = Non
 
 
 def plan(result: dict[str, Any], console: Console, name: str) -> None:
-    table = Table(title=f"mixture plan: {name}", title_justify="left")
-    for col in ("source", "role", "documents", "tokens avail.", "held out", "weight",
-                "planned tokens", "share req.", "share planned", "first 1000", "achieved",
-                "epochs"):
-        table.add_column(col, justify="left" if col in ("source", "role") else "right")
+    """Two tables, the data per source and the shares per source: as one they were 12 columns,
+    which cut cells ("replay (inherite…") even at 140 columns."""
+    table = _table(f"mixture plan: {name}")
+    _columns(table, ("source", "role", "documents", "tokens avail.", "held out",
+                     "planned tokens", "epochs"), left=("source", "role"))
     for s in result["sources"]:
-        role = s["role"] + (" (inherited)" if s.get("inherited") else "")
         epochs = Text(f"{s['epochs']:.2f}", style="yellow" if s["epochs"] > 4 else "")
-        table.add_row(s["name"], role, f"{s['documents']:,}", f"{s['tokens_available']:,}",
-                      f"{s['holdout_tokens']:,}", _weight(s['weight']), f"{s['tokens_planned']:,}",
-                      f"{s['share_requested']:.2%}", f"{s['share_planned']:.2%}",
-                      f"{s['share_achieved_first_1000']:.2%}", f"{s['share_achieved']:.2%}",
-                      epochs)
+        table.add_row(s["name"], s["role"] + ("*" if s.get("inherited") else ""),
+                      _count(s["documents"]), _count(s["tokens_available"]),
+                      _count(s["holdout_tokens"]), _count(s["tokens_planned"]), epochs)
     console.print(table)
+    if any(s.get("inherited") for s in result["sources"]):
+        console.print("* inherited: data of an earlier stage of model.path's lineage, replayed "
+                      "(data.replay.inherit)", highlight=False)
+    shares = _table("shares of the run's tokens")
+    _columns(shares, ("source", "weight", "share req.", "share planned", "first 1000",
+                      "achieved"), left=("source", "weight"))
+    for s in result["sources"]:
+        shares.add_row(s["name"], _weight(s["weight"]), f"{s['share_requested']:.2%}",
+                       f"{s['share_planned']:.2%}", f"{s['share_achieved_first_1000']:.2%}",
+                       f"{s['share_achieved']:.2%}")
+    console.print(shares)
     p = result["packing"]
     console.print(f"total {result['total_tokens']:,} tokens in {result['sequences']:,} sequences "
                   f"of {result['seq_len']} ({result['steps']:,} steps of "
                   f"{result['global_batch_sequences']} sequences); replay share "
-                  f"{result['replay_share']:.2%}; packing {p['mode']}: padding "
-                  f"{p['padding_fraction']:.2%}, dropped tokens {p['dropped_tokens']:,}",
-                  highlight=False)
+                  f"{result['replay_share']:.2%}", highlight=False)
+    console.print(f"packing {p['mode']}: padding {p['padding_fraction']:.2%}, dropped tokens "
+                  f"{p['dropped_tokens']:,}", highlight=False)
     if result.get("retained_only_domains"):
         console.print("evaluated but not trained (lineage): " +
                       ", ".join(result["retained_only_domains"]), highlight=False)
@@ -96,20 +156,22 @@ def _weight(value: Any) -> str:
 
 
 def phases(result: dict[str, Any], console: Console) -> None:
-    """The scheduled mix per phase (per 10% of the run inside a ramp): shares and tokens."""
+    """The scheduled mix per phase (per 10% of the run inside a ramp): one row per phase and
+    source, so the table's width does not grow with the number of sources (a column per
+    source, two lines per cell, passed 100 columns at five sources)."""
     rows = result.get("phases") or []
     if len(rows) <= 1:
         return  # a constant mix: the plan table above says it all
-    names = [s["name"] for s in rows[0]["sources"]]
-    table = Table(title="mixture schedule by phase (planned share / scheduled share, tokens)",
-                  title_justify="left")
-    for col in ("steps", "lr", *names):
-        table.add_column(col, justify="right")
+    table = _table("mixture schedule by phase")
+    _columns(table, ("steps", "lr", "source", "planned", "scheduled", "tokens"),
+             left=("source",))
     for ph in rows:
-        cells = [f"{s['share_planned']:.1%} / {s['share_scheduled']:.1%}\n"
-                 f"{s['tokens_planned']:,}" for s in ph["sources"]]
-        table.add_row(f"{ph['start_step']:,}-{ph['end_step']:,}",
-                      f"{ph['lr_start']:.2f}-{ph['lr_end']:.2f}", *cells)
+        for i, s in enumerate(ph["sources"]):
+            first, last = i == 0, i == len(ph["sources"]) - 1
+            table.add_row(f"{ph['start_step']:,}-{ph['end_step']:,}" if first else "",
+                          f"{ph['lr_start']:.2f}-{ph['lr_end']:.2f}" if first else "",
+                          s["name"], f"{s['share_planned']:.1%}", f"{s['share_scheduled']:.1%}",
+                          _count(s["tokens_planned"]), end_section=last)
     console.print(table)
 
 

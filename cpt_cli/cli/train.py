@@ -76,7 +76,9 @@ def train(
             print_json({"run_dir": str(result.run_dir), "final": str(result.final_dir),
                         **result.report})
         else:
-            console = Console(width=max(120, Console().width))
+            # 100 columns at least, even in a pipe (80 there): the tables fit 100 without
+            # wrapping a row (tests/test_render.py).
+            console = Console(width=max(100, Console().width))
             render.forgetting(result.report, console,
                               title=f"forgetting table: {loaded.name} ({result.steps} steps)")
             console.print(f"model saved to {result.final_dir}", highlight=False)

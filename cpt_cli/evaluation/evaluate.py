@@ -197,6 +197,10 @@ def evaluate(path: str | Path, *, data: dict[str, str] | None = None, base: str 
     if peak is not None:
         worst = report["summary"]["max_forgetting_bpb"]
         report["summary"]["peak_forgetting_bpb"] = max(peak, worst) if worst is not None else peak
+        # What the peak was seen in: the verdict says "during training" only of training's own
+        # evaluations, never of a model scored now on --data or against --base.
+        report["summary"]["peak_forgetting_from"] = "training" if run_peak is not None \
+            else "checkpoints" if len(curve) > 1 else "model"
     report["model"] = str(last)
     report["window"] = {"max_length": window[0], "stride": window[1]}
     report["start"] = base or (manifest["stages"][-1]["start_model"] if manifest else None)

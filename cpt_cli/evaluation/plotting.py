@@ -17,7 +17,7 @@ def check_available() -> None:
                          ) from None
 
 
-def _curves(path: Path, report: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
+def read_curves(path: Path, report: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
     """bpb per domain per step: training-time evaluations (metrics.jsonl), else checkpoints."""
     run_dir = path if (path / "metrics.jsonl").is_file() else path.parent
     curves: dict[str, list[tuple[int, float]]] = {}
@@ -35,18 +35,16 @@ def _curves(path: Path, report: dict[str, Any]) -> dict[str, list[tuple[int, flo
     return curves
 
 
-def plot_run(path: str | Path, report: dict[str, Any], out: str | Path) -> None:
+def draw_curves(curves: dict[str, list[tuple[int, float]]], roles: dict[str, str]) -> Any:
+    """The figure: one line per domain, target solid, retained dashed. The legend stands to the
+    right of the axes, outside them: inside, wherever "best" put it, it covered some curve (the
+    target's, falling from the upper left, in the quickstart's runs)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = _curves(Path(path), report)
-    if not curves:
-        raise UsageError(f"--plot: {path} has no evaluations over steps (pass a run directory "
-                         "trained with eval.every_steps or with checkpoints)")
-    roles = {d["name"]: d["role"] for d in report["domains"]}
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5), layout="constrained")
     for name, points in curves.items():
         points = sorted(dict(points).items())
         style = "-" if roles.get(name) == "target" else "--"
@@ -56,8 +54,18 @@ def plot_run(path: str | Path, report: dict[str, Any], out: str | Path) -> None:
     ax.set_ylabel("bits per byte (held out)")
     ax.set_title("per-domain bits per byte: target (solid) vs retained (dashed)")
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    fig.legend(loc="outside right upper")
+    return fig
+
+
+def plot_run(path: str | Path, report: dict[str, Any], out: str | Path) -> None:
+    curves = read_curves(Path(path), report)
+    if not curves:
+        raise UsageError(f"--plot: {path} has no evaluations over steps (pass a run directory "
+                         "trained with eval.every_steps or with checkpoints)")
+    fig = draw_curves(curves, {d["name"]: d["role"] for d in report["domains"]})
+    import matplotlib.pyplot as plt  # after draw_curves chose the Agg backend
+
     try:
         fig.savefig(str(out), dpi=120)
     except OSError as err:  # checked before the evaluation, but a disk can fill meanwhile

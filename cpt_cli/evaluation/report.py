@@ -132,11 +132,16 @@ def forgetting_table(now: dict[str, DocumentScores], start: dict[str, DocumentSc
                                               key=lambda d: d["forgetting"])["name"]
                if forgets else None,
                "peak_forgetting_bpb": max(x for x in (peak_forgetting, worst) if x is not None)
-               if (peak_forgetting is not None or worst is not None) else None}
+               if (peak_forgetting is not None or worst is not None) else None,
+               "peak_forgetting_from": "training" if peak_forgetting is not None
+               else "model" if worst is not None else None}
     return {"domains": domains, "summary": summary}
 
 
 def verdict(report: dict[str, Any]) -> str:
+    """One line under the table. The peak is named for what it was seen in: "during training"
+    only when training-time evaluations are part of it; a peak of the one model evaluated is
+    its worst forgetting, already said."""
     s = report["summary"]
     parts = []
     if s["mean_gain_bpb"] is not None:
@@ -144,6 +149,10 @@ def verdict(report: dict[str, Any]) -> str:
     if s["mean_forgetting_bpb"] is not None:
         parts.append(f"mean forgetting {s['mean_forgetting_bpb']:+.4f} bpb, worst "
                      f"{s['max_forgetting_bpb']:+.4f} ({s['worst_forgetting_domain']})")
-    if s.get("peak_forgetting_bpb") is not None:
-        parts.append(f"peak forgetting during training {s['peak_forgetting_bpb']:+.4f}")
+    peak, seen_in = s.get("peak_forgetting_bpb"), s.get("peak_forgetting_from")
+    if peak is not None and seen_in == "training":
+        parts.append(f"peak forgetting during training {peak:+.4f}")
+    elif peak is not None and seen_in == "checkpoints":
+        parts.append(f"peak forgetting over the {len(report.get('curve', []))} models "
+                     f"evaluated {peak:+.4f}")
     return "; ".join(parts) if parts else "no start model to compare against"
