@@ -336,3 +336,89 @@ def test_every_bad_combination_is_named_at_once(tmp_path: Path) -> None:
                    "completion field {completion}",
                    "data.sources[5].chat_template: not a valid Jinja template"):
         assert needle in text, needle
+
+
+# ------------------------------------------------------------------- scoring on the answers
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Path) -> Path:
+    """A randomly initialized 2-layer Llama with the tiny tokenizer, saved as a model folder."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer))
+    torch.manual_seed(0)
+    config = LlamaConfig(**{k: v for k, v in TINY_LLAMA.items() if k != "model_type"},
+                         vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id)
+    folder = tmp_path_factory.mktemp("model")
+    LlamaForCausalLM(config).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+def independent_answer_score(model_dir: Path, records: list[dict[str, str]]
+                             ) -> tuple[float, int, int]:
+    """lm-evaluation-harness's loglikelihood by hand: whitespace ending the prompt moves to the
+    completion; one forward over [BOS] + prompt + completion; -log p summed over the
+    completion's tokens; its UTF-8 bytes."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    nll, tokens, nbytes = 0.0, 0, 0
+    with torch.no_grad():
+        for r in records:
+            context, continuation = r["prompt"], r["completion"]
+            spaces = len(context) - len(context.rstrip())
+            if spaces:
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
+            ctx = tok(context, add_special_tokens=False)["input_ids"]
+            cont = tok(continuation, add_special_tokens=False)["input_ids"]
+            x = torch.tensor([[start] + ctx + cont])
+            logp = torch.log_softmax(model(x).logits[0, :-1].float(), dim=-1)
+            logp = logp[len(ctx):]  # the positions predicting the continuation
+            nll -= float(logp.gather(1, torch.tensor(cont)[:, None]).sum())
+            tokens += len(cont)
+            nbytes += len(continuation.encode("utf-8"))
+    return nll, tokens, nbytes
+
+
+def test_eval_of_a_completion_domain_equals_an_independent_computation(
+        tiny_model: Path, tmp_path: Path, cli: Any) -> None:
+    import math
+
+    records = [{"prompt": "Question: what colour is the sky?\nAnswer: ",
+                "completion": "blue, on a clear day."},
+               {"prompt": "Q: naïve café?\nA:", "completion": " ünïcode — answered."},
+               {"prompt": "Translate 'river' to French.", "completion": "\nrivière"}]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = cli("eval", tiny_model, "--data", f"qa={data}", "--base", tiny_model,
+                 "--max-length", "128", "--json")
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)["domains"]
+    nll, tokens, nbytes = independent_answer_score(tiny_model, records)
+    assert row["scored_on"] == "answers"
+    assert row["tokens"] == tokens and row["bytes"] == nbytes
+    assert row["bpb"] == pytest.approx(nll / (nbytes * math.log(2)), rel=1e-6, abs=1e-6)
+    assert row["loss"] == pytest.approx(nll / tokens, rel=1e-6, abs=1e-6)
+
+
+def test_held_out_sets_record_prompt_and_completion(tmp_path: Path, tiny_tokenizer: Path
+                                                    ) -> None:
+    r = task_recipe(tmp_path, tiny_tokenizer, "concat")
+    data = prepare_data(r)
+    qa = next(d for d in data.domains if d.name == "qa")
+    records = [json.loads(line) for line in (tmp_path / "qa.jsonl").read_text().splitlines()]
+    pairs = {(f"Q: {x['question']}\nA:", f" {x['answer']}") for x in records}
+    assert qa.heldout
+    for h in qa.heldout:
+        (prompt, p_trained), (completion, c_trained) = h["segments"]
+        assert (prompt, completion) in pairs and not p_trained and c_trained
+        assert h["text"] == prompt + completion
+    by_name = {d.name: d for d in data.eval_domains}
+    assert by_name["qa"].scored_on_answers and not by_name["prose"].scored_on_answers

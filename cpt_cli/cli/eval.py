@@ -90,7 +90,9 @@ def eval_command(
         if json_out:
             print_json(report)
         else:
-            render.forgetting(report, Console(width=max(120, Console().width)))
+            console = Console(width=max(120, Console().width))
+            render.forgetting(report, console)
+            render.answer_scoring(report, console)
         if plot is not None:  # after the table: a write that still fails loses no figure
             from cpt_cli.evaluation.plotting import plot_run
             plot_run(path, report, plot)

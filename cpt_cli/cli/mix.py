@@ -56,6 +56,7 @@ def inspect_command(
         else:
             console = Console(width=max(140, Console().width))
             render.plan(result, console, loaded.name)
+            render.trained_shares(result, console)
             render.phases(result, console)
             if plot is not None:
                 console.print(f"wrote {plot}", highlight=False)

@@ -49,7 +49,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from cpt_cli.config import SourceConfig
-from cpt_cli.data.records import ChatRenderer, Segments
+from cpt_cli.data.records import ChatRenderer, Segments, renderer_of
 from cpt_cli.data.sources import ReadStats, fingerprint_source, read_segmented, source_bytes
 from cpt_cli.errors import DataError
 
@@ -306,16 +306,13 @@ def chat_renderer(source: SourceConfig, tokenizer: PreTrainedTokenizerBase
     DataError naming both ways out when there is neither. None for other formats."""
     if source.format != "chat":
         return None
-    template = source.chat_template or getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):  # a tokenizer with named templates: its default one
-        template = template.get("default")
-    if not template:
+    renderer = renderer_of(tokenizer, source.chat_template)
+    if renderer is None:
         raise DataError(f"source {source.name!r}: chat records need a chat template, and the "
                         "tokenizer has none. Give the source one (chat_template: a Jinja "
                         "template over `messages`), or use a tokenizer that has one "
                         "(model.tokenizer).")
-    special = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
-    return ChatRenderer(template, special)
+    return renderer
 
 
 def _chars(document: str | Segments) -> int:

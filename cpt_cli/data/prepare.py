@@ -42,7 +42,14 @@ from cpt_cli.data.sources import fingerprint_source, read_documents
 from cpt_cli.data.tokenization import load_tokenizer, tokenizer_fingerprint, train_tokenizer
 from cpt_cli.errors import RecipeError, UsageError
 from cpt_cli.model import check_model_path
-from cpt_cli.runs.lineage import DomainText, Lineage, LineageSource, read_heldout, read_lineage
+from cpt_cli.runs.lineage import (
+    DomainText,
+    Lineage,
+    LineageSource,
+    read_heldout,
+    read_lineage,
+    scored_text,
+)
 
 
 @dataclass(frozen=True)
@@ -374,12 +381,12 @@ def _eval_domains(domains: list[Domain], recorded: dict[str, LineageSource],
                   trained: np.ndarray, warnings: list[str]) -> list[DomainText]:
     """The held-out texts each domain is scored on: this stage's domains, then the lineage's
     domains not replayed now (still evaluated), less any document trained on."""
-    eval_domains = [DomainText(d.name, d.eval_role, [h["text"] for h in d.heldout])
+    eval_domains = [DomainText(d.name, d.eval_role, [scored_text(h) for h in d.heldout])
                     for d in domains]
     names = {d.name for d in domains}
     for src in recorded.values():
         if src.name not in names:  # an earlier domain not replayed now: still evaluated
-            texts = [h["text"] for h in read_heldout(src.heldout_file)
+            texts = [scored_text(h) for h in read_heldout(src.heldout_file)
                      if not np.isin(np.uint64(h["hash"]), trained)]
             eval_domains.append(DomainText(src.name, "retained", texts))
     # A domain whose every held-out document is trained on in this stage: scoring it would

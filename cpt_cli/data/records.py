@@ -166,6 +166,18 @@ class ChatRenderer:
             yield full[done:], False
 
 
+def renderer_of(tokenizer: Any, template: str | None = None) -> ChatRenderer | None:
+    """A renderer of `template`, else of the tokenizer's chat template (its default one when it
+    has several); None when there is neither."""
+    template = template or getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    if not template:
+        return None
+    special = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+    return ChatRenderer(template, special)
+
+
 def chat_segments(source: SourceConfig, record: Any, where: str,
                   renderer: ChatRenderer | None) -> Segments:
     if not isinstance(record, dict):
