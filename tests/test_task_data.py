@@ -422,3 +422,74 @@ def test_held_out_sets_record_prompt_and_completion(tmp_path: Path, tiny_tokeniz
         assert h["text"] == prompt + completion
     by_name = {d.name: d for d in data.eval_domains}
     assert by_name["qa"].scored_on_answers and not by_name["prose"].scored_on_answers
+
+
+# ------------------------------------------------------------------------------ chat records
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+# The same words from the user and twice from the assistant: searching the rendering for the
+# reply's text would mark the user's "yes" too, or the first "yes" twice.
+CONVERSATIONS = [[{"role": "system", "content": "Answer yes or no."},
+                  {"role": "user", "content": "yes"},
+                  {"role": "assistant", "content": "yes"},
+                  {"role": "user", "content": "Again?"},
+                  {"role": "assistant", "content": "yes"}],
+                 [{"role": "user", "content": "Is water wet?"},
+                  {"role": "assistant", "content": "It is, mostly."},
+                  {"role": "user", "content": "Thanks."}]]
+
+
+def chat_entry(tmp_path: Path, tok: PreTrainedTokenizerBase, **source: Any) -> Any:
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n"
+                                                 for c in CONVERSATIONS * 10))
+    config = SourceConfig(name="chat", **({"path": "chat.jsonl", "format": "chat",
+                                           "loss_on": "assistant",
+                                           "chat_template": CHAT_TEMPLATE} | source))
+    return prepare_source(config, tmp_path, tok, tokenizer_fingerprint(tok), tmp_path / "cache",
+                          pool_tokens=200)
+
+
+def test_chat_trains_exactly_the_assistant_turns(tmp_path: Path,
+                                                 tokenizer: PreTrainedTokenizerBase) -> None:
+    entry = chat_entry(tmp_path, tokenizer)
+    for d, conversation in enumerate(CONVERSATIONS):
+        a, b = int(entry.offsets[d]), int(entry.offsets[d + 1])
+        spans = [(s, e) for s, e in entry.spans.tolist() if a <= s < b]
+        replies = [m["content"] for m in conversation if m["role"] == "assistant"]
+        assert len(spans) == len(replies)
+        for (s, e), reply in zip(spans, replies, strict=True):
+            # The reply and its end-of-turn markup, tokenized on their own.
+            assert entry.tokens[s:e].tolist() == encode(tokenizer, reply + "<|end|>\n")
+        untrained = np.ones(b - a, dtype=bool)
+        for s, e in spans:
+            untrained[s - a:e - a] = False
+        rendered = "".join(f"<|{m['role']}|>{m['content']}<|end|>\n" for m in conversation)
+        assert tokenizer.decode(entry.tokens[a:b].tolist()) == rendered
+        # The user's "yes" and every header stay untrained.
+        first_user = next(m["content"] for m in conversation if m["role"] == "user")
+        assert f"<|user|>{first_user}<|end|>" in \
+            tokenizer.decode(entry.tokens[a:b][untrained].tolist())
+
+
+def test_chat_cache_follows_the_template(tmp_path: Path, tokenizer: PreTrainedTokenizerBase,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = count_tokenizations(monkeypatch)
+    first = chat_entry(tmp_path, tokenizer)
+    assert chat_entry(tmp_path, tokenizer, weight=2.0).key == first.key and len(calls) == 1
+    other = chat_entry(tmp_path, tokenizer, chat_template=CHAT_TEMPLATE.replace("<|end|>", "</s>"))
+    assert other.key != first.key and len(calls) == 2
+    chat_entry(tmp_path, tokenizer, loss_on="all")
+    assert len(calls) == 3
+
+
+def test_chat_without_any_template_names_both_fixes(tmp_path: Path,
+                                                    tokenizer: PreTrainedTokenizerBase) -> None:
+    from cpt_cli.errors import DataError
+
+    assert not tokenizer.chat_template
+    with pytest.raises(DataError, match="chat_template.*model.tokenizer"):
+        chat_entry(tmp_path, tokenizer, chat_template=None)
+    assert not (tmp_path / "cache" / "tokens").exists() or \
+        not list((tmp_path / "cache" / "tokens").iterdir())
