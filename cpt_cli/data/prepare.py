@@ -37,9 +37,15 @@ from cpt_cli.data.cache import (
 )
 from cpt_cli.data.mixture import MixturePlan, PlanSource, make_plan
 from cpt_cli.data.packing import BestFitStream, ConcatStream, TrainedSpans
+from cpt_cli.data.records import ChatRenderer
 from cpt_cli.data.schedule import build_schedule
 from cpt_cli.data.sources import fingerprint_source, read_documents
-from cpt_cli.data.tokenization import load_tokenizer, tokenizer_fingerprint, train_tokenizer
+from cpt_cli.data.tokenization import (
+    SPECIAL_TOKENS,
+    load_tokenizer,
+    tokenizer_fingerprint,
+    train_tokenizer,
+)
 from cpt_cli.errors import RecipeError, UsageError
 from cpt_cli.model import check_model_path
 from cpt_cli.runs.lineage import (
@@ -164,8 +170,12 @@ def resolve_tokenizer(recipe: Recipe, cache_dir: Path) -> PreTrainedTokenizerBas
         fps = [fingerprint_source(s, recipe.base_dir, cache_dir) for s in recipe.data.sources]
 
         def texts() -> Any:
-            # Round-robin over sources so a character budget samples every domain.
-            iters = [read_documents(s, recipe.base_dir) for s in recipe.data.sources]
+            # Round-robin over sources so a character budget samples every domain. A chat
+            # source is read through its own chat_template (with the specials the new
+            # tokenizer will have); one that relies on a tokenizer's template has none yet.
+            iters = [read_documents(s, recipe.base_dir, chat=ChatRenderer(
+                s.chat_template, dict(SPECIAL_TOKENS)) if s.chat_template else None)
+                for s in recipe.data.sources if s.format != "chat" or s.chat_template]
             while iters:
                 for it in list(iters):
                     text = next(it, None)
