@@ -182,8 +182,10 @@ def test_template_cuts_at_the_completion_and_moves_the_space(
     pool = {p["index"]: p for p in entry.pool()}
     some = next(iter(pool.values()))
     record = QA[some["index"]]
-    assert some["segments"] == [[f"Question: {record['question']}\nAnswer:", False],
-                                [f" {record['answer']}", True]]
+    prompt_text = f"Question: {record['question']}\nAnswer:"
+    assert some["text"] == prompt_text + f" {record['answer']}"
+    # Lengths into the text: the prompt, then the answer with the space moved to it.
+    assert some["segments"] == [[len(prompt_text), False], [len(record["answer"]) + 1, True]]
     prompt = encode(tokenizer, f"Question: {record['question']}\nAnswer:")
     a = int(entry.offsets[some["index"]])
     span = entry.spans[some["index"]].tolist()

@@ -462,13 +462,14 @@ def _tokenize_into(folder: Path, source: SourceConfig, base_dir: str | Path,
 
 
 def _write_pool(path: Path, pool: list[tuple[int, int, int, str, Segments | None]]) -> None:
-    """The held-out candidates, smallest hash first; a masked source's with their segments
-    (`[[text, trained], ...]`: a prompt and its completion, or a conversation's turns), which
-    held-out sets keep so that scoring knows which part is the answer."""
+    """The held-out candidates, smallest hash first; a masked source's with its segments as
+    `[[characters, trained], ...]` (a prompt and its completion, or a conversation's turns:
+    lengths into `text`, not a second copy of it), which held-out sets keep as text so that
+    scoring knows which part is the answer."""
     with open(path, "w", encoding="utf-8") as fh:
         for neg_h, index, length, text, segments in sorted(pool, key=lambda e: (-e[0], e[1])):
             line: dict[str, Any] = {"index": index, "hash": -neg_h, "tokens": length,
                                     "text": text}
             if segments is not None:
-                line["segments"] = [[t, trained] for t, trained in segments]
+                line["segments"] = [[len(t), trained] for t, trained in segments]
             fh.write(json.dumps(line) + "\n")

@@ -204,9 +204,20 @@ def _carve_holdout(domain: Domain, budget: int) -> np.ndarray:
         total += doc["tokens"]
     domain.heldout = [{"text": d["text"], "hash": d["hash"], "tokens": d["tokens"],
                        "record": int(domain.entry.records[d["index"]]),
-                       **({"segments": d["segments"]} if "segments" in d else {})}
+                       **({"segments": _segment_texts(d["text"], d["segments"])}
+                          if "segments" in d else {})}
                       for d in chosen]
     return np.asarray([d["index"] for d in chosen], dtype=np.int64)
+
+
+def _segment_texts(text: str, lengths: list[list[Any]]) -> list[list[Any]]:
+    """A pool entry's segments (`[characters, trained]`) as the held-out set keeps them:
+    `[text, trained]`, e.g. the prompt and its completion."""
+    out, at = [], 0
+    for n, trained in lengths:
+        out.append([text[at:at + n], trained])
+        at += n
+    return out
 
 
 def _recorded_heldout(entry: TokenizedSource, heldout: list[dict[str, Any]]) -> np.ndarray:
