@@ -15,9 +15,9 @@ is extracted, and the tokenizer):
     spans.npy      int64 [spans, 2], only for a source with `loss_on: completion|assistant`: the
                    trained tokens as sorted, disjoint [start, end) ranges of positions in
                    tokens.bin, one per completion or assistant turn. 16 bytes a span: for a
-                   prompt/completion source of 300-token records, 0.03 bytes a token, a
-                   sixteenth of the bit a token a bitmask would take, and a count of the
-                   trained tokens in any range of the stream is two binary searches
+                   prompt/completion source of 300-token records, 0.05 bytes a token, under
+                   half the 0.125 of a bitmask, and a count of the trained tokens in any
+                   range of the stream is two binary searches
     meta.json      counts, skipped records, fingerprints: written last, so its presence means the
                    entry is complete
 
