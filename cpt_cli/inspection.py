@@ -15,7 +15,6 @@ import numpy as np
 
 from cpt_cli.config import Recipe, ScheduleConfig
 from cpt_cli.data.mixture import MixturePlan
-from cpt_cli.data.packing import BestFitStream
 from cpt_cli.data.prepare import PreparedData, plan_data, prepare_data
 from cpt_cli.training.schedule import lr_multiplier
 
@@ -79,7 +78,12 @@ def inspect_mix(recipe: Recipe, *, samples: int = 0, num_processes: int | None =
     result = plan.as_dict()
     result["phases"] = mix_phases(plan, recipe.train.schedule)
     result["schedule_fingerprint"] = plan.schedule_fingerprint()
+    trained_total = sum(row["tokens_trained_planned"] for row in result["sources"])
+    result["tokens_trained_planned"] = trained_total
     for i, row in enumerate(result["sources"]):
+        # The share of the loss: a 30% Q&A share trained on its answers alone may be 12%.
+        row["share_trained"] = row["tokens_trained_planned"] / trained_total if trained_total \
+            else 0.0
         row["share_achieved_first_1000"] = float(first[i])
         row["share_achieved"] = float(overall[i])
         row["dropped_duplicates"] = data.domains[i].dropped_duplicates
@@ -112,18 +116,17 @@ def _render(data: PreparedData, index: int) -> dict[str, Any]:
     k, j = data.plan.locate(index)
     seq = data.streams[k].sequence(j)
     bounds = sorted(set(seq.doc_starts) | set(seq.continued) | {0})
-    used = int((seq.labels != -100).sum()) if isinstance(data.streams[k], BestFitStream) \
-        else len(seq.input_ids)
+    used = len(seq.input_ids) - seq.padding
     pieces = []
     for a, b in zip(bounds, bounds[1:] + [used], strict=True):
         if a >= used:
             break
         ids = [int(t) for t in seq.input_ids[a:b]]
         pieces.append({"start": a, "tokens": len(ids), "continued": a in seq.continued,
+                       "trained": int((seq.labels[a:b] != -100).sum()),
                        "text": data.tokenizer.decode(ids)})
-    padding = int((seq.labels == -100).sum()) if isinstance(data.streams[k], BestFitStream) else 0
     return {"index": index, "source": data.plan.sources[k].name, "documents": pieces,
-            "padding": padding}
+            "padding": seq.padding}
 
 
 def plot_mix(plan: MixturePlan, recipe: Recipe, path: Path) -> None:

@@ -830,3 +830,74 @@ def test_quickstart_corpus_into_a_file_is_refused(cli: Any, tmp_path: Path) -> N
         assert f"cannot write the corpus to {target}" in result.output, result.output
         assert "Traceback" not in result.output
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+# --------------------------------------------------------------------------------------------
+# Bad task records (issue #14): prompt/completion and chat sources, each an error naming the
+# file and the record, nothing written.
+# --------------------------------------------------------------------------------------------
+
+CHAT = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+FAILING_CHAT = ("{% if messages[0].role == 'system' %}{{ raise_exception('no system turns') }}"
+                "{% endif %}" + CHAT)
+TASK_CASES = [
+    # (id, format, chat_template, bad record, phrases the message must hold)
+    ("missing-completion", "prompt_completion", None, {"prompt": "Q?"},
+     ("'completion' is missing", "completion_field")),
+    ("missing-prompt", "prompt_completion", None, {"completion": "A."},
+     ("'prompt' is missing", "prompt_field")),
+    ("empty-completion", "prompt_completion", None, {"prompt": "Q?", "completion": "  "},
+     ("empty completion",)),
+    ("message-without-role", "chat", CHAT, {"messages": [{"content": "hi"}]},
+     ("message 0 has no role",)),
+    ("message-without-content", "chat", CHAT,
+     {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]},
+     ("message 1 has no content",)),
+    ("unknown-role", "chat", CHAT, {"messages": [{"role": "human", "content": "hi"}]},
+     ("unknown role 'human'", "system, user, assistant, tool")),
+    ("template-fails", "chat", FAILING_CHAT,
+     {"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "hi"},
+                   {"role": "assistant", "content": "ok"}]},
+     ("chat template failed to render", "no system turns")),
+]
+
+
+def _good_task_record(format_: str, i: int) -> dict[str, Any]:
+    if format_ == "prompt_completion":
+        return {"prompt": f"Question {i}: what follows {i}?", "completion": f" {i + 1}."}
+    return {"messages": [{"role": "user", "content": f"What follows {i}?"},
+                         {"role": "assistant", "content": f"{i + 1}."}]}
+
+
+@pytest.mark.parametrize("command", ["train", "inspect"])
+@pytest.mark.parametrize("case", TASK_CASES, ids=[c[0] for c in TASK_CASES])
+def test_bad_task_records(case: tuple, command: str, cli: Any, tmp_path: Path,
+                          tiny_recipe: dict, write_recipe: Any, tiny_tokenizer: Path) -> None:
+    _, format_, template, bad, expect = case
+
+    def mutate(recipe: dict[str, Any], tmp: Path) -> None:
+        _data_recipe(recipe, tiny_tokenizer)
+        records = [_good_task_record(format_, i) for i in range(60)]
+        records.insert(BAD_LINE - 1, bad)
+        (tmp / "data" / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        source = {"name": "task", "path": "data/task.jsonl", "format": format_,
+                  "loss_on": "completion" if format_ == "prompt_completion" else "assistant"}
+        if template is not None:
+            source["chat_template"] = template
+        recipe["data"]["sources"][1] = source
+
+    out = run_bad(cli, tmp_path, tiny_recipe, write_recipe, mutate, command)
+    for phrase in (*expect, f"task.jsonl:{BAD_LINE}", "source 'task'"):
+        assert phrase in " ".join(out.split()), f"{phrase!r} not in:\n{out}"
+
+
+def test_loss_on_assistant_on_a_prompt_completion_source(cli: Any, tmp_path: Path,
+                                                         tiny_recipe: dict,
+                                                         write_recipe: Any) -> None:
+    def mutate(recipe: dict[str, Any], tmp: Path) -> None:
+        recipe["data"]["sources"][1].update(format="prompt_completion", loss_on="assistant",
+                                            completion_field="answer")
+
+    out = run_bad(cli, tmp_path, tiny_recipe, write_recipe, mutate, "train")
+    assert "data.sources[1].loss_on: 'assistant'" in out and "loss_on: completion" in out

@@ -155,7 +155,7 @@ def test_uint32_when_the_vocabulary_outgrows_uint16(tmp_path: Path, corpus: Path
 def test_failure_midway_leaves_no_entry(tmp_path: Path, corpus: Path,
                                         tokenizer: PreTrainedTokenizerBase,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    original = cache_module.read_documents
+    original = cache_module.read_segmented
 
     def failing(*args: Any, **kwargs: Any) -> Iterator[str]:
         for i, text in enumerate(original(*args, **kwargs)):
@@ -164,13 +164,13 @@ def test_failure_midway_leaves_no_entry(tmp_path: Path, corpus: Path,
             yield text
 
     monkeypatch.setattr(cache_module, "_BATCH_DOCS", 8)  # several batches written before it
-    monkeypatch.setattr(cache_module, "read_documents", failing)
+    monkeypatch.setattr(cache_module, "read_segmented", failing)
     with pytest.raises(DataError, match="the disk went away"):
         prepare(tmp_path, tokenizer)
     tokens_dir = tmp_path / "cache" / "tokens"
     assert list(tokens_dir.iterdir()) == []  # neither the entry nor its temporary folder
 
-    monkeypatch.setattr(cache_module, "read_documents", original)
+    monkeypatch.setattr(cache_module, "read_segmented", original)
     calls = count_tokenizations(monkeypatch)
     entry = prepare(tmp_path, tokenizer)
     assert calls == ["docs"] and entry.num_documents == len(DOCS)

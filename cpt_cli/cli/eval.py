@@ -92,7 +92,9 @@ def eval_command(
         else:
             # 100 columns at least, even in a pipe (80 there): the tables fit 100 without
             # wrapping a row (tests/test_render.py).
-            render.forgetting(report, Console(width=max(100, Console().width)))
+            console = Console(width=max(100, Console().width))
+            render.forgetting(report, console)
+            render.answer_scoring(report, console)
         if plot is not None:  # after the table: a write that still fails loses no figure
             from cpt_cli.evaluation.plotting import plot_run
             plot_run(path, report, plot)

@@ -58,6 +58,7 @@ def inspect_command(
             # wrapping a row (tests/test_render.py).
             console = Console(width=max(100, Console().width))
             render.plan(result, console, loaded.name)
+            render.trained_shares(result, console)
             render.phases(result, console)
             if plot is not None:
                 console.print(f"wrote {plot}", highlight=False)

@@ -199,3 +199,28 @@ def comparison(reports: dict[str, dict[str, Any]], console: Console) -> None:
     for key, label in (("mean_gain_bpb", "mean gain"), ("mean_forgetting_bpb", "mean forgetting")):
         table.add_row(label, "", *[_num(r["summary"][key], "+.4f") for r in reports.values()])
     console.print(table)
+
+
+def answer_scoring(report: dict[str, Any], console: Console) -> None:
+    """Below a forgetting table: which domains are scored on their answers, not their text."""
+    names = [d["name"] for d in report.get("domains", []) if d.get("scored_on") == "answers"]
+    if names:
+        console.print(f"scored on answers: {', '.join(names)} (bits per byte of the "
+                      "completions or assistant turns, each given what precedes it; "
+                      "docs/evaluation.md)", highlight=False)
+
+
+def trained_shares(result: dict[str, Any], console: Console) -> None:
+    """Below a mixture plan: where the loss differs from the compute. A source trained on its
+    answers takes its share of the sequences, but a smaller share of the trained tokens."""
+    for row in result.get("sources", []):
+        if row.get("loss_on", "all") == "all" and not row.get("beyond_seq_len"):
+            continue
+        planned = row["tokens_planned"] / max(1, result.get("total_tokens") or 1)
+        line = (f"{row['name']}: loss_on {row['loss_on']}: {planned:.1%} of the sequence "
+                f"tokens, {row.get('share_trained', 0.0):.1%} of the trained tokens "
+                f"({row['tokens_trained_planned']:,} trained)")
+        if row.get("beyond_seq_len"):
+            line += (f"; {row['beyond_seq_len']:,} documents left out (no trained token within "
+                     "data.seq_len)")
+        console.print(line, highlight=False)

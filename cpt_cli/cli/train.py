@@ -81,6 +81,7 @@ def train(
             console = Console(width=max(100, Console().width))
             render.forgetting(result.report, console,
                               title=f"forgetting table: {loaded.name} ({result.steps} steps)")
+            render.answer_scoring(result.report, console)
             console.print(f"model saved to {result.final_dir}", highlight=False)
         return 0
 

@@ -109,9 +109,68 @@ def check_source(key: str, src: SourceConfig, problems: list[str]) -> None:
                         f"({src.min_chars}) and 1; e.g. 10M")
     if src.template is not None:
         check_template(f"{key}.template", src.template, problems)
+    check_record_format(key, src, problems)
     if src.hf is not None and src.hf.streaming and src.hf.max_documents is None:
         problems.append(f"{key}.hf.max_documents: required with streaming: true, so the "
                         "cache stays bounded (e.g. 200000)")
+
+
+# Which loss_on each format can train, and the format each loss_on needs.
+_LOSS_ON_FORMAT = {"completion": "prompt_completion", "assistant": "chat"}
+
+
+def check_record_format(key: str, src: SourceConfig, problems: list[str]) -> None:
+    """format, loss_on, the field names and chat_template of one source, together: every
+    combination that cannot work is named (each with its fix), all at once."""
+    needed = _LOSS_ON_FORMAT.get(src.loss_on)
+    if needed is not None and src.format != needed:
+        other = {"prompt_completion": "completion", "chat": "assistant"}.get(src.format)
+        fix = f"use loss_on: {other} (or all)" if other else "or loss_on: all"
+        problems.append(f"{key}.loss_on: {src.loss_on!r} trains the "
+                        f"{'completions' if needed == 'prompt_completion' else 'assistant turns'}"
+                        f" of {needed} records, but this source's format is {src.format!r}; set "
+                        f"format: {needed}, {fix}")
+    if src.format == "chat" and src.template is not None:
+        problems.append(f"{key}.template: chat records are rendered by a chat template, not a "
+                        "format string; move it to chat_template (Jinja), or use format: text")
+    if src.format != "chat" and src.chat_template is not None:
+        problems.append(f"{key}.chat_template: only chat records use a chat template, and this "
+                        f"source's format is {src.format!r}; set format: chat or remove it")
+    if src.format == "chat" and src.chat_template is not None:
+        check_chat_template(f"{key}.chat_template", src.chat_template, problems)
+    if src.format == "prompt_completion" and src.template is not None:
+        fields = template_fields(src.template)
+        placeholder = "{" + src.completion_field + "}"
+        if fields is not None and fields.count(src.completion_field) != 1:
+            problems.append(f"{key}.template: a prompt_completion template holds the completion "
+                            f"field {placeholder} exactly once, at the start of the completion "
+                            f"(it has it {fields.count(src.completion_field)} times); e.g. "
+                            f"'Question: {{question}}\\nAnswer: {placeholder}', or set "
+                            "completion_field")
+    for name in ("prompt_field", "completion_field", "messages_field"):
+        if not getattr(src, name).strip():
+            problems.append(f"{key}.{name}: an empty field name; name the record's field")
+
+
+def check_chat_template(key: str, template: str, problems: list[str]) -> None:
+    """A chat template that Jinja cannot parse is a recipe problem, found before any data."""
+    import jinja2
+
+    # transformers renders with the loop-control extension and a {% generation %} block tag
+    # of its own (assistant masks): both are accepted here, as they are when rendering.
+    plain = re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", template)
+    try:
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(plain)
+    except jinja2.TemplateSyntaxError as err:
+        problems.append(f"{key}: not a valid Jinja template ({err.message}, line {err.lineno})")
+
+
+def template_fields(template: str) -> list[str] | None:
+    """The placeholders of a format string in order, or None when it does not parse."""
+    try:
+        return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError:
+        return None
 
 
 def check_template(key: str, template: str, problems: list[str]) -> None:

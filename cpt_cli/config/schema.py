@@ -86,6 +86,18 @@ class SourceConfig:
     """Record field holding the document text (ignored for plain files and with `template`)."""
     template: str | None = None
     """Python format string over the record's fields, e.g. `Question: {question}\\nAnswer: {answer}`."""
+    format: Literal["text", "prompt_completion", "chat"] = "text"
+    """How a record becomes a document: `text` (text_field or template), `prompt_completion` (a prompt, then its completion), `chat` (a list of {role, content} messages rendered with a chat template)."""
+    prompt_field: str = "prompt"
+    """Record field holding the prompt (format: prompt_completion, without template)."""
+    completion_field: str = "completion"
+    """Record field holding the completion (format: prompt_completion); with a template, the text from its `{completion_field}` placeholder on is the completion."""
+    messages_field: str = "messages"
+    """Record field holding the list of {role, content} messages (format: chat)."""
+    chat_template: str | None = None
+    """Jinja chat template for chat records (default: the tokenizer's own), e.g. `{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}`."""
+    loss_on: Literal["all", "completion", "assistant"] = "all"
+    """Tokens trained and scored: `all` (pre-training), `completion` (prompt_completion: the completion only, scored on it given the prompt), `assistant` (chat: the assistant turns, end-of-turn tokens included)."""
     weight: float | dict[str, Any] = 1.0
     """Relative weight within its group (new sources, or replay sources): a number, or a schedule over the run, e.g. `{0%: 0.7, 80%: 0.7, 100%: 0.2}` (positions: `10%`, `0.8`, tokens `400M`, or wsd phases `warmup`/`stable`/`decay`; `interpolate: linear` or `step`; see docs/data.md)."""
     min_weight: float = 0.0

@@ -12,6 +12,12 @@ is extracted, and the tokenizer):
     nbytes.npy     UTF-8 bytes of each document
     pool.jsonl     the documents with the smallest hashes, with their text: the held-out
                    candidates (`holdout_pool_tokens` of them), so holding out never re-reads
+    spans.npy      int64 [spans, 2], only for a source with `loss_on: completion|assistant`: the
+                   trained tokens as sorted, disjoint [start, end) ranges of positions in
+                   tokens.bin, one per completion or assistant turn. 16 bytes a span: for a
+                   prompt/completion source of 300-token records, 0.05 bytes a token, under
+                   half the 0.125 of a bitmask, and a count of the trained tokens in any
+                   range of the stream is two binary searches
     meta.json      counts, skipped records, fingerprints: written last, so its presence means the
                    entry is complete
 
@@ -37,13 +43,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from cpt_cli.config import SourceConfig
-from cpt_cli.data.sources import ReadStats, fingerprint_source, read_documents, source_bytes
+from cpt_cli.data.records import ChatRenderer, Segments, renderer_of
+from cpt_cli.data.sources import ReadStats, fingerprint_source, read_segmented, source_bytes
 from cpt_cli.errors import DataError
 
 CACHE_VERSION = "cpt-cache-1"
@@ -88,6 +95,8 @@ class TokenizedSource:
     hashes: np.ndarray
     nbytes: np.ndarray
     records: np.ndarray
+    spans: np.ndarray | None = None
+    """Trained token ranges [start, end) (loss_on: completion|assistant); None: all trained."""
 
     @property
     def num_documents(self) -> int:
@@ -106,10 +115,21 @@ class TokenizedSource:
             return [json.loads(line) for line in fh]
 
 
-def entry_key(source: SourceConfig, content_fp: str, tokenizer_fp: str) -> str:
-    how = json.dumps({"text_field": source.text_field, "template": source.template,
-                      "min_chars": source.min_chars, "max_chars": source.max_chars,
-                      "on_error": source.on_error}, sort_keys=True)
+def entry_key(source: SourceConfig, content_fp: str, tokenizer_fp: str,
+              chat_template: str | None = None) -> str:
+    """The entry's name: what is read, how it becomes documents, and the tokenizer. A task
+    source's key also holds its format, fields, loss_on and the chat template that renders it
+    (the recipe's or the tokenizer's: the tokenizer fingerprint does not cover its template);
+    a text source's key is the one it had before task formats existed."""
+    how_fields: dict[str, Any] = {"text_field": source.text_field, "template": source.template,
+                                  "min_chars": source.min_chars, "max_chars": source.max_chars,
+                                  "on_error": source.on_error}
+    if source.format != "text":
+        how_fields.update(format=source.format, loss_on=source.loss_on,
+                          prompt_field=source.prompt_field,
+                          completion_field=source.completion_field,
+                          messages_field=source.messages_field, chat_template=chat_template)
+    how = json.dumps(how_fields, sort_keys=True)
     return hashlib.sha256(f"{CACHE_VERSION}|{content_fp}|{how}|{tokenizer_fp}".encode()
                           ).hexdigest()[:20]
 
@@ -130,7 +150,8 @@ def open_entry(path: Path, name: str) -> TokenizedSource:
                                 hashes=np.load(path / "hashes.npy"),
                                 nbytes=np.load(path / "nbytes.npy"),
                                 # An entry from before records.npy is rebuilt, with the same key.
-                                records=np.load(path / "records.npy"))
+                                records=np.load(path / "records.npy"),
+                                spans=np.load(path / "spans.npy") if meta.get("masked") else None)
     except (OSError, ValueError, KeyError, TypeError, EOFError) as err:
         raise DamagedEntry(f"{path}: {err}") from None
     docs = len(entry.hashes)
@@ -138,6 +159,9 @@ def open_entry(path: Path, name: str) -> TokenizedSource:
             len(entry.records) != docs or \
             (docs and int(entry.offsets[-1]) != n):
         raise DamagedEntry(f"{path}: its files disagree on the number of documents")
+    if entry.spans is not None and (entry.spans.ndim != 2 or
+                                    (len(entry.spans) and int(entry.spans[-1, 1]) > n)):
+        raise DamagedEntry(f"{path}: its trained spans lie outside its tokens")
     return entry
 
 
@@ -149,7 +173,8 @@ def prepare_source(source: SourceConfig, base_dir: str | Path, tokenizer: PreTra
     held-out pool) is there already. `progress(documents, tokens, read stats)` is called per
     batch."""
     content_fp = fingerprint_source(source, base_dir, cache_dir)
-    key = entry_key(source, content_fp, tokenizer_fp)
+    chat = chat_renderer(source, tokenizer)
+    key = entry_key(source, content_fp, tokenizer_fp, chat.template if chat else None)
     target = cache_dir / "tokens" / f"{source.name}-{key}"
     if (target / "meta.json").exists():
         try:
@@ -165,7 +190,7 @@ def prepare_source(source: SourceConfig, base_dir: str | Path, tokenizer: PreTra
         shutil.rmtree(target, ignore_errors=True)
     try:
         _build_entry(target, source, base_dir, tokenizer, pool_tokens, progress,
-                     content_fp=content_fp, tokenizer_fp=tokenizer_fp)
+                     content_fp=content_fp, tokenizer_fp=tokenizer_fp, chat=chat)
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -176,7 +201,7 @@ def prepare_source(source: SourceConfig, base_dir: str | Path, tokenizer: PreTra
 def _build_entry(target: Path, source: SourceConfig, base_dir: str | Path,
                  tokenizer: PreTrainedTokenizerBase, pool_tokens: int,
                  progress: Callable[[int, int], None] | None, *, content_fp: str,
-                 tokenizer_fp: str) -> None:
+                 tokenizer_fp: str, chat: ChatRenderer | None = None) -> None:
     """Tokenize into a temporary folder beside `target`, renamed into place when complete: a
     failure (a full disk, a kill) never leaves a half-written entry that a later run trusts."""
     key = target.name.removeprefix(f"{source.name}-")
@@ -186,7 +211,7 @@ def _build_entry(target: Path, source: SourceConfig, base_dir: str | Path,
     owner = None
     try:
         owner = _own(tmp)
-        meta = _tokenize_into(tmp, source, base_dir, tokenizer, pool_tokens, progress)
+        meta = _tokenize_into(tmp, source, base_dir, tokenizer, pool_tokens, progress, chat)
         meta.update(source=source.name, key=key, content_fingerprint=content_fp,
                     tokenizer_fingerprint=tokenizer_fp, version=CACHE_VERSION)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -275,16 +300,35 @@ def remove_stale_temporaries(tokens_dir: Path) -> list[Path]:
     return removed
 
 
-def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
+def chat_renderer(source: SourceConfig, tokenizer: PreTrainedTokenizerBase
+                  ) -> ChatRenderer | None:
+    """The renderer of a chat source: its recipe `chat_template`, else the tokenizer's; a
+    DataError naming both ways out when there is neither. None for other formats."""
+    if source.format != "chat":
+        return None
+    renderer = renderer_of(tokenizer, source.chat_template)
+    if renderer is None:
+        raise DataError(f"source {source.name!r}: chat records need a chat template, and the "
+                        "tokenizer has none. Give the source one (chat_template: a Jinja "
+                        "template over `messages`), or use a tokenizer that has one "
+                        "(model.tokenizer).")
+    return renderer
+
+
+def _chars(document: str | Segments) -> int:
+    return len(document) if isinstance(document, str) else sum(len(t) for t, _ in document)
+
+
+def _batches(docs: Iterator[str | Segments]) -> Iterator[list[str | Segments]]:
     """Batches of documents growing 4x from _FIRST_BATCH_CHARS to _BATCH_CHARS: the encoder
     starts after 250k characters are read instead of 4M, so reading the first batch (a serial
     tenth of a second per source) overlaps encoding like every later batch does."""
-    batch: list[str] = []
+    batch: list[str | Segments] = []
     chars = 0
     target = min(_FIRST_BATCH_CHARS, _BATCH_CHARS)
-    for text in docs:
-        batch.append(text)
-        chars += len(text)
+    for document in docs:
+        batch.append(document)
+        chars += _chars(document)
         if chars >= target or len(batch) >= _BATCH_DOCS:
             yield batch
             batch, chars = [], 0
@@ -293,44 +337,87 @@ def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
         yield batch
 
 
+class _Encoded(NamedTuple):
+    """One batch, tokenized: each document's text, ids, and (masked sources) its trained token
+    ranges relative to its first token and its segments (kept for held-out candidates)."""
+
+    texts: list[str]
+    ids: list[list[int]]
+    spans: list[list[tuple[int, int]]] | None
+    segments: list[Segments] | None
+
+
+def _encode(backend: Any, batch: list[str | Segments], masked: bool) -> _Encoded:
+    """Tokenize a batch. encode_batch_fast skips offset tracking; the Rust side releases the
+    GIL, so the next batch is read and hashed on the calling thread meanwhile. A task document's
+    segments are encoded one by one and their ids joined, so its trained tokens are exactly
+    those of its trained segments (cpt_cli/data/records.py)."""
+    if all(isinstance(d, str) for d in batch):
+        encodings = backend.encode_batch_fast(batch, add_special_tokens=False)
+        return _Encoded(batch, [e.ids for e in encodings], None, None)  # type: ignore[arg-type]
+    docs: list[Segments] = [[(d, True)] if isinstance(d, str) else d for d in batch]
+    flat = backend.encode_batch_fast([t for d in docs for t, _ in d], add_special_tokens=False)
+    texts, ids, spans = [], [], []
+    k = 0
+    for doc in docs:
+        doc_ids: list[int] = []
+        doc_spans: list[tuple[int, int]] = []
+        for _, trained in doc:
+            piece = flat[k].ids
+            k += 1
+            if trained and piece:
+                start = len(doc_ids)
+                if doc_spans and doc_spans[-1][1] == start:  # adjacent trained segments: one
+                    start = doc_spans.pop()[0]
+                doc_spans.append((start, len(doc_ids) + len(piece)))
+            doc_ids.extend(piece)
+        texts.append("".join(t for t, _ in doc))
+        ids.append(doc_ids)
+        spans.append(doc_spans)
+    return _Encoded(texts, ids, spans if masked else None, docs if masked else None)
+
+
 def _tokenize_into(folder: Path, source: SourceConfig, base_dir: str | Path,
                    tokenizer: PreTrainedTokenizerBase, pool_tokens: int,
-                   progress: Callable[[int, int, ReadStats], None] | None) -> dict[str, Any]:
+                   progress: Callable[[int, int, ReadStats], None] | None,
+                   chat: ChatRenderer | None = None) -> dict[str, Any]:
     backend = tokenizer.backend_tokenizer
     dtype = token_dtype(len(tokenizer))
+    masked = source.loss_on != "all"
     stats = ReadStats()
     offsets: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
     hashes: list[np.ndarray] = []
     nbytes: list[np.ndarray] = []
     records: list[np.ndarray] = []
+    spans: list[np.ndarray] = [np.zeros((0, 2), dtype=np.int64)]
     identities: list[int] = []  # read ahead of the batch being written: this one's come first
     # Max-heap (by hash, negated) of the smallest-hash documents: the held-out candidates.
-    pool: list[tuple[int, int, int, str]] = []
+    pool: list[tuple[int, int, int, str, Segments | None]] = []
     pool_total = 0
     total_tokens = 0
     n_docs = 0
 
-    def encode(batch: list[str]) -> tuple[list[str], list[list[int]]]:
-        # encode_batch_fast skips offset tracking; the Rust side releases the GIL, so the next
-        # batch is read and hashed on this thread while this one is encoded on all cores.
-        encodings = backend.encode_batch_fast(batch, add_special_tokens=False)
-        return batch, [e.ids for e in encodings]
-
     with open(folder / "tokens.bin", "wb") as out, ThreadPoolExecutor(max_workers=1) as pool_ex:
         pending = None
-        batches = _batches(read_documents(source, base_dir, stats, identities))
+        batches = _batches(read_segmented(source, base_dir, stats, identities, chat))
         while True:
             nxt = next(batches, None)
-            future = pool_ex.submit(encode, nxt) if nxt is not None else None
+            future = pool_ex.submit(_encode, backend, nxt, masked) if nxt is not None else None
             if pending is not None:
-                texts, ids = pending.result()
+                batch = pending.result()
+                texts, ids = batch.texts, batch.ids
                 lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
                 # chain.from_iterable: 25 ns a token, 40% less than a nested generator; the
                 # whole Python side stays under a tenth of the encoder's time (bench/README.md).
                 flat = np.fromiter(chain.from_iterable(ids), dtype=dtype,
                                    count=int(lengths.sum()))
                 out.write(flat.tobytes())
-                offsets.append(total_tokens + np.cumsum(lengths))
+                starts = total_tokens + np.cumsum(lengths) - lengths
+                offsets.append(starts + lengths)
+                if batch.spans is not None:
+                    spans.append(np.asarray([(int(s) + a, int(s) + b) for s, doc in
+                                             zip(starts, batch.spans, strict=True)
+                                             for a, b in doc], dtype=np.int64).reshape(-1, 2))
                 batch_hashes = np.fromiter((document_hash(t) for t in texts), dtype=np.uint64,
                                            count=len(texts))
                 hashes.append(batch_hashes)
@@ -342,7 +429,8 @@ def _tokenize_into(folder: Path, source: SourceConfig, base_dir: str | Path,
                     h = int(batch_hashes[j])
                     if pool_total >= pool_tokens and -pool[0][0] < h:
                         continue  # the pool is full and this hash is above all it keeps
-                    heapq.heappush(pool, (-h, n_docs + j, int(lengths[j]), text))
+                    heapq.heappush(pool, (-h, n_docs + j, int(lengths[j]), text,
+                                          batch.segments[j] if batch.segments else None))
                     pool_total += int(lengths[j])
                     while pool and pool_total - pool[0][2] >= pool_tokens:
                         pool_total -= heapq.heappop(pool)[2]
@@ -361,11 +449,27 @@ def _tokenize_into(folder: Path, source: SourceConfig, base_dir: str | Path,
     np.save(folder / "hashes.npy", np.concatenate(hashes))
     np.save(folder / "nbytes.npy", np.concatenate(nbytes))
     np.save(folder / "records.npy", np.concatenate(records))
-    with open(folder / "pool.jsonl", "w", encoding="utf-8") as fh:
-        for neg_h, index, length, text in sorted(pool, key=lambda item: (-item[0], item[1])):
-            fh.write(json.dumps({"index": index, "hash": -neg_h, "tokens": length,
-                                 "text": text}) + "\n")
+    trained = total_tokens
+    if masked:
+        all_spans = np.concatenate(spans)
+        np.save(folder / "spans.npy", all_spans)
+        trained = int((all_spans[:, 1] - all_spans[:, 0]).sum())
+    _write_pool(folder / "pool.jsonl", pool)
     return {"documents": n_docs, "tokens": total_tokens, "dtype": np.dtype(dtype).name,
             "skipped": dict(stats.skipped), "first_skipped": stats.first_skipped,
-            "pool_tokens": pool_tokens,
+            "pool_tokens": pool_tokens, "masked": masked, "trained_tokens": trained,
             "pool_complete": pool_total >= total_tokens}
+
+
+def _write_pool(path: Path, pool: list[tuple[int, int, int, str, Segments | None]]) -> None:
+    """The held-out candidates, smallest hash first; a masked source's with its segments as
+    `[[characters, trained], ...]` (a prompt and its completion, or a conversation's turns:
+    lengths into `text`, not a second copy of it), which held-out sets keep as text so that
+    scoring knows which part is the answer."""
+    with open(path, "w", encoding="utf-8") as fh:
+        for neg_h, index, length, text, segments in sorted(pool, key=lambda e: (-e[0], e[1])):
+            line: dict[str, Any] = {"index": index, "hash": -neg_h, "tokens": length,
+                                    "text": text}
+            if segments is not None:
+                line["segments"] = [[len(t), trained] for t, trained in segments]
+            fh.write(json.dumps(line) + "\n")

@@ -60,6 +60,15 @@ class PlanSource:
     epochs: float = 0.0
     inherited: bool = False
     content: str = ""         # fingerprint of the exact documents trained (cache entry + ids)
+    loss_on: str = "all"      # all | completion | assistant: which tokens the loss sees
+    trained_available: int = -1   # trained (unmasked) tokens per epoch; -1: all of them
+    beyond_seq_len: int = 0   # documents left out: no trained token within data.seq_len
+
+    def trained_fraction(self) -> float:
+        """Share of this source's sequence tokens that the loss sees."""
+        if self.trained_available < 0 or not self.tokens_available:
+            return 1.0
+        return self.trained_available / self.tokens_available
 
     def as_dict(self, seq_len: int, total: int) -> dict[str, Any]:
         return {"name": self.name, "role": self.role, "weight": self.weight,
@@ -69,7 +78,10 @@ class PlanSource:
                 "tokens_planned": self.sequences * seq_len,
                 "share_requested": self.share_requested,
                 "share_planned": self.sequences / total if total else 0.0,
-                "epochs": self.epochs}
+                "epochs": self.epochs, "loss_on": self.loss_on,
+                "tokens_trained_planned": round(self.sequences * seq_len *
+                                                self.trained_fraction()),
+                "beyond_seq_len": self.beyond_seq_len}
 
 
 @dataclass

@@ -9,6 +9,12 @@ run seed, the source name and the epoch number.
 
 Each sequence comes with `position_ids` that restart at every document start: with attention mask
 None, transformers turns restarted positions into a block-diagonal causal mask (document masking).
+
+A source with trained spans (`loss_on: completion|assistant`, see cpt_cli/data/cache.py) has
+`labels = -100` at every token outside them, wherever the token lands: in a sequence of its own,
+after another document, or in the next sequence when concat cuts the document; the EOS that ends
+a document is trained when the document's last token is (the end of an answer), not after a
+prompt. `label_tokens(i)` counts what the loss sees without building the sequence.
 """
 
 from __future__ import annotations
@@ -38,13 +44,88 @@ class PackedSequence:
     position_ids: np.ndarray    # int64 [seq_len], restarting at each document
     doc_starts: list[int]
     continued: list[int] = field(default_factory=list)
+    padding: int = 0            # padding tokens at the end (best_fit)
+
+
+class TrainedSpans:
+    """The trained tokens of a cache entry: sorted, disjoint [start, end) ranges of positions
+    in its token array. Counting the trained tokens of any range is two binary searches and a
+    difference of prefix sums, so a sequence's loss targets are known without building it."""
+
+    def __init__(self, spans: np.ndarray, offsets: np.ndarray) -> None:
+        spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+        self.starts, self.ends = spans[:, 0], spans[:, 1]
+        self.cumulative = np.concatenate([[0], np.cumsum(self.ends - self.starts)])
+        doc_ends = np.asarray(offsets[1:], dtype=np.int64)
+        # A document's last token is trained when a span ends where the document ends.
+        k = np.searchsorted(self.ends, doc_ends)
+        self.last_trained = (k < len(self.ends)) & (self.ends[np.minimum(k, len(self.ends) - 1)]
+                                                    == doc_ends) if len(self.ends) else \
+            np.zeros(len(doc_ends), dtype=bool)
+
+    def count(self, a: np.ndarray | int, b: np.ndarray | int) -> np.ndarray:
+        """Trained tokens in [a, b) (element-wise for arrays)."""
+        a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+        first = np.searchsorted(self.ends, a, side="right")   # first span ending after a
+        last = np.searchsorted(self.starts, b, side="left")   # spans starting before b
+        if not len(self.starts):
+            return np.zeros_like(a)
+        total = self.cumulative[last] - self.cumulative[first]
+        lo = np.minimum(first, len(self.starts) - 1)
+        hi = np.maximum(last - 1, 0)
+        total = total - np.where(last > first, np.maximum(0, a - self.starts[lo]), 0)
+        total = total - np.where(last > first, np.maximum(0, self.ends[hi] - b), 0)
+        return np.where(last > first, total, 0)
+
+    def first_trained(self, offsets: np.ndarray) -> np.ndarray:
+        """Per document, how many tokens come before its first trained one (its length when it
+        has none)."""
+        a, b = np.asarray(offsets[:-1], dtype=np.int64), np.asarray(offsets[1:], dtype=np.int64)
+        k = np.searchsorted(self.ends, a, side="right")
+        if not len(self.starts):
+            return b - a
+        start = self.starts[np.minimum(k, len(self.starts) - 1)]
+        has = (k < len(self.starts)) & (start < b)
+        return np.where(has, np.maximum(start, a) - a, b - a)
+
+    def mask(self, a: int, b: int) -> np.ndarray:
+        """Which tokens of [a, b) are trained."""
+        out = np.zeros(b - a, dtype=bool)
+        first = int(np.searchsorted(self.ends, a, side="right"))
+        last = int(np.searchsorted(self.starts, b, side="left"))
+        for s, e in zip(self.starts[first:last].tolist(), self.ends[first:last].tolist(),
+                        strict=True):
+            out[max(s, a) - a:min(e, b) - a] = True
+        return out
+
+
+def _labels(piece: np.ndarray, n_text: int, a: int, doc: int,
+            trained: TrainedSpans | None) -> np.ndarray:
+    """The labels of a piece: its first `n_text` tokens are document tokens a..a+n_text, the
+    rest the document's EOS; -100 where not trained."""
+    if trained is None:
+        return piece
+    labels = np.full(len(piece), PAD_LABEL, dtype=np.int64)
+    keep = np.zeros(len(piece), dtype=bool)
+    keep[:n_text] = trained.mask(a, a + n_text)
+    keep[n_text:] = bool(trained.last_trained[doc])
+    labels[keep] = piece[keep]
+    return labels
+
+
+def _piece_label_count(n_text: int, piece_len: int, a: int, doc: int,
+                       trained: TrainedSpans) -> int:
+    eos = piece_len - n_text  # 0 or 1
+    return int(trained.count(a, a + n_text)) + eos * int(trained.last_trained[doc])
 
 
 class ConcatStream:
     """Documents (plus EOS) of one source, epoch after epoch, cut into `seq_len` pieces."""
 
     def __init__(self, name: str, tokens: np.ndarray, offsets: np.ndarray, doc_ids: np.ndarray,
-                 eos_id: int, seq_len: int, seed: int) -> None:
+                 eos_id: int, seq_len: int, seed: int,
+                 trained: TrainedSpans | None = None) -> None:
+        self.trained = trained
         self.name, self.tokens, self.offsets = name, tokens, offsets
         self.doc_ids = np.asarray(doc_ids, dtype=np.int64)
         self.eos_id, self.seq_len, self.seed = eos_id, seq_len, seed
@@ -67,8 +148,18 @@ class ConcatStream:
         return self._epochs[epoch]
 
     def label_tokens(self, index: int) -> int:
-        """Loss targets of any sequence: all tokens but the first (labels shift by one)."""
-        return self.seq_len - 1
+        """Loss targets of sequence `index`: all tokens but the first (labels shift by one);
+        with trained spans, those of its trained tokens, counted piece by piece."""
+        if self.trained is None:
+            return self.seq_len - 1
+        total = 0
+        for filled, doc, offset, piece_len, n_text in self._pieces(index):
+            a = int(self.offsets[doc]) + offset
+            total += _piece_label_count(n_text, piece_len, a, doc, self.trained)
+            if filled == 0:  # the first position is never a target
+                total -= int(self.trained.count(a, a + 1)) if n_text else \
+                    int(self.trained.last_trained[doc])
+        return total
 
     def dropped_tokens(self, sequences: int) -> int:
         """Tokens never trained when the run takes `sequences` sequences: the rest of the
@@ -82,11 +173,11 @@ class ConcatStream:
         k = int(np.searchsorted(ends, within, side="left"))
         return int(ends[k] - within)
 
-    def sequence(self, index: int) -> PackedSequence:
+    def _pieces(self, index: int) -> list[tuple[int, int, int, int, int]]:
+        """The pieces of sequence `index`: (where it lands, document, where in the document
+        it starts, its length with the EOS when it holds it, document tokens in it)."""
         L = self.seq_len
-        out = np.empty(L, dtype=np.int64)
-        pos = np.empty(L, dtype=np.int64)
-        starts: list[int] = []
+        pieces = []
         stream_pos = index * L
         filled = 0
         while filled < L:
@@ -98,20 +189,34 @@ class ConcatStream:
             doc = int(order[k])
             a, b = int(self.offsets[doc]), int(self.offsets[doc + 1])
             piece_len = min(b - a + 1 - offset, L - filled)
+            n_text = max(0, min(piece_len, b - a - offset))
+            pieces.append((filled, doc, offset, piece_len, n_text))
+            filled += piece_len
+            stream_pos += piece_len
+        return pieces
+
+    def sequence(self, index: int) -> PackedSequence:
+        L = self.seq_len
+        out = np.empty(L, dtype=np.int64)
+        labels = out if self.trained is None else np.empty(L, dtype=np.int64)
+        pos = np.empty(L, dtype=np.int64)
+        starts: list[int] = []
+        for filled, doc, offset, piece_len, n_text in self._pieces(index):
+            a = int(self.offsets[doc]) + offset
             if offset == 0:
                 starts.append(filled)
             piece = np.empty(piece_len, dtype=np.int64)
-            n_text = max(0, min(piece_len, b - a - offset))
-            piece[:n_text] = self.tokens[a + offset:a + offset + n_text]
+            piece[:n_text] = self.tokens[a:a + n_text]
             if n_text < piece_len:
                 piece[n_text:] = self.eos_id  # only ever one: the EOS ending the document
             out[filled:filled + piece_len] = piece
+            if self.trained is not None:
+                labels[filled:filled + piece_len] = _labels(piece, n_text, a, doc, self.trained)
             # Every piece starts a document, or continues one cut by the previous sequence: in
             # both cases positions restart at 0, so none exceeds seq_len.
             pos[filled:filled + piece_len] = np.arange(piece_len)
-            filled += piece_len
-            stream_pos += piece_len
-        return PackedSequence(out, out.copy(), pos, starts, [] if starts[:1] == [0] else [0])
+        labels = out.copy() if self.trained is None else labels
+        return PackedSequence(out, labels, pos, starts, [] if starts[:1] == [0] else [0])
 
 
 def best_fit_decreasing(sizes: np.ndarray, capacity: int) -> tuple[np.ndarray, int]:
@@ -184,7 +289,9 @@ class BestFitStream:
     """
 
     def __init__(self, name: str, tokens: np.ndarray, offsets: np.ndarray, doc_ids: np.ndarray,
-                 eos_id: int, pad_id: int, seq_len: int, seed: int) -> None:
+                 eos_id: int, pad_id: int, seq_len: int, seed: int,
+                 trained: TrainedSpans | None = None) -> None:
+        self.trained = trained
         self.name, self.tokens, self.offsets = name, tokens, offsets
         self.doc_ids = np.asarray(doc_ids, dtype=np.int64)
         self.eos_id, self.pad_id, self.seq_len, self.seed = eos_id, pad_id, seq_len, seed
@@ -242,9 +349,19 @@ class BestFitStream:
 
     def label_tokens(self, index: int) -> int:
         """Loss targets of sequence `index` without building it: its tokens minus the first
-        (the model shifts labels by one); padding has none."""
+        (the model shifts labels by one); padding has none; with trained spans, its trained
+        tokens less the first position's."""
         e, a, b = self._bin(index)
-        return int(e.length[a:b].sum()) - 1
+        if self.trained is None:
+            return int(e.length[a:b].sum()) - 1
+        docs, starts, lengths = e.doc[a:b], e.start[a:b], e.length[a:b]
+        first = self.offsets[docs] + starts
+        n_text = np.maximum(0, np.minimum(lengths, self.lengths[docs] - starts))
+        total = int(self.trained.count(first, first + n_text).sum())
+        total += int(self.trained.last_trained[docs][lengths > n_text].sum())
+        first_label = self.trained.count(first[0], first[0] + 1) if n_text[0] else \
+            self.trained.last_trained[docs[0]]
+        return total - int(first_label)
 
     def sequence(self, index: int) -> PackedSequence:
         e, first, last = self._bin(index)
@@ -261,7 +378,8 @@ class BestFitStream:
             n_text = max(0, min(length, b - a - start))
             out[filled:filled + n_text] = self.tokens[a + start:a + start + n_text]
             out[filled + n_text:filled + length] = self.eos_id
-            labels[filled:filled + length] = out[filled:filled + length]
+            labels[filled:filled + length] = _labels(out[filled:filled + length], n_text,
+                                                     a + start, doc, self.trained)
             pos[filled:filled + length] = np.arange(length)
             starts.append(filled)
             if start:
@@ -269,4 +387,4 @@ class BestFitStream:
             filled += length
         if filled < L:
             pos[filled:] = np.arange(L - filled)  # padding is its own "document"
-        return PackedSequence(out, labels, pos, starts, continued)
+        return PackedSequence(out, labels, pos, starts, continued, L - filled)

@@ -36,13 +36,26 @@ from cpt_cli.data.cache import (
     prepare_source,
 )
 from cpt_cli.data.mixture import MixturePlan, PlanSource, make_plan
-from cpt_cli.data.packing import BestFitStream, ConcatStream
+from cpt_cli.data.packing import BestFitStream, ConcatStream, TrainedSpans
+from cpt_cli.data.records import ChatRenderer
 from cpt_cli.data.schedule import build_schedule
 from cpt_cli.data.sources import fingerprint_source, read_documents
-from cpt_cli.data.tokenization import load_tokenizer, tokenizer_fingerprint, train_tokenizer
+from cpt_cli.data.tokenization import (
+    SPECIAL_TOKENS,
+    load_tokenizer,
+    tokenizer_fingerprint,
+    train_tokenizer,
+)
 from cpt_cli.errors import RecipeError, UsageError
 from cpt_cli.model import check_model_path
-from cpt_cli.runs.lineage import DomainText, Lineage, LineageSource, read_heldout, read_lineage
+from cpt_cli.runs.lineage import (
+    DomainText,
+    Lineage,
+    LineageSource,
+    read_heldout,
+    read_lineage,
+    scored_text,
+)
 
 
 @dataclass(frozen=True)
@@ -162,8 +175,12 @@ def resolve_tokenizer(recipe: Recipe, cache_dir: Path) -> PreTrainedTokenizerBas
         fps = [fingerprint_source(s, recipe.base_dir, cache_dir) for s in recipe.data.sources]
 
         def texts() -> Any:
-            # Round-robin over sources so a character budget samples every domain.
-            iters = [read_documents(s, recipe.base_dir) for s in recipe.data.sources]
+            # Round-robin over sources so a character budget samples every domain. A chat
+            # source is read through its own chat_template (with the specials the new
+            # tokenizer will have); one that relies on a tokenizer's template has none yet.
+            iters = [read_documents(s, recipe.base_dir, chat=ChatRenderer(
+                s.chat_template, dict(SPECIAL_TOKENS)) if s.chat_template else None)
+                for s in recipe.data.sources if s.format != "chat" or s.chat_template]
             while iters:
                 for it in list(iters):
                     text = next(it, None)
@@ -191,8 +208,21 @@ def _carve_holdout(domain: Domain, budget: int) -> np.ndarray:
         chosen.append(doc)
         total += doc["tokens"]
     domain.heldout = [{"text": d["text"], "hash": d["hash"], "tokens": d["tokens"],
-                       "record": int(domain.entry.records[d["index"]])} for d in chosen]
+                       "record": int(domain.entry.records[d["index"]]),
+                       **({"segments": _segment_texts(d["text"], d["segments"])}
+                          if "segments" in d else {})}
+                      for d in chosen]
     return np.asarray([d["index"] for d in chosen], dtype=np.int64)
+
+
+def _segment_texts(text: str, lengths: list[list[Any]]) -> list[list[Any]]:
+    """A pool entry's segments (`[characters, trained]`) as the held-out set keeps them:
+    `[text, trained]`, e.g. the prompt and its completion."""
+    out, at = [], 0
+    for n, trained in lengths:
+        out.append([text[at:at + n], trained])
+        at += n
+    return out
 
 
 def _recorded_heldout(entry: TokenizedSource, heldout: list[dict[str, Any]]) -> np.ndarray:
@@ -377,12 +407,12 @@ def _eval_domains(domains: list[Domain], recorded: dict[str, LineageSource],
                   trained: np.ndarray, warnings: list[str]) -> list[DomainText]:
     """The held-out texts each domain is scored on: this stage's domains, then the lineage's
     domains not replayed now (still evaluated), less any document trained on."""
-    eval_domains = [DomainText(d.name, d.eval_role, [h["text"] for h in d.heldout])
+    eval_domains = [DomainText(d.name, d.eval_role, [scored_text(h) for h in d.heldout])
                     for d in domains]
     names = {d.name for d in domains}
     for src in recorded.values():
         if src.name not in names:  # an earlier domain not replayed now: still evaluated
-            texts = [h["text"] for h in read_heldout(src.heldout_file)
+            texts = [scored_text(h) for h in read_heldout(src.heldout_file)
                      if not np.isin(np.uint64(h["hash"]), trained)]
             eval_domains.append(DomainText(src.name, "retained", texts))
     # A domain whose every held-out document is trained on in this stage: scoring it would
@@ -391,6 +421,29 @@ def _eval_domains(domains: list[Domain], recorded: dict[str, LineageSource],
                  "data, so it is not scored (no forgetting figure). Remove those documents from "
                  "the new sources to keep measuring it." for d in eval_domains if not d.texts]
     return [d for d in eval_domains if d.texts]
+
+
+def trainable_documents(entry: TokenizedSource, docs: np.ndarray,
+                        trained: TrainedSpans | None, seq_len: int) -> tuple[np.ndarray, int]:
+    """The documents of `docs` worth training, and how many were left out: with trained spans,
+    a document whose first trained token comes `seq_len` tokens or more after its start would
+    fill whole sequences with untrained tokens (padding by another name) and train its answer
+    cut off from its prompt; it is counted and left out, never trained unseen."""
+    if trained is None or not len(docs):
+        return docs, 0
+    lead = trained.first_trained(entry.offsets)[docs]
+    keep = lead < seq_len
+    return docs[keep], int((~keep).sum())
+
+
+def _trained_tokens(entry: TokenizedSource, docs: np.ndarray,
+                    trained: TrainedSpans | None) -> int:
+    """Trained tokens of one epoch of `docs`, EOS included: the tokens the loss sees, where
+    `tokens_available` counts the tokens the model computes over."""
+    if trained is None:
+        return int((entry.lengths()[docs] + 1).sum())
+    starts, ends = entry.offsets[docs], entry.offsets[docs + 1]
+    return int(trained.count(starts, ends).sum() + trained.last_trained[docs].sum())
 
 
 def batch_geometry(recipe: Recipe, num_processes: int) -> BatchGeometry:
@@ -411,21 +464,32 @@ def plan_data(recipe: Recipe, data: PreparedData, num_processes: int = 1) -> Pre
     rows: list[PlanSource] = []
     for d in data.domains:
         assert d.entry is not None
+        trained = TrainedSpans(d.entry.spans, d.entry.offsets) \
+            if d.entry.spans is not None else None
+        docs, beyond = trainable_documents(d.entry, d.train_docs, trained, L)
         if recipe.data.packing == "best_fit":
-            stream: Any = BestFitStream(d.name, d.entry.tokens, d.entry.offsets, d.train_docs,
-                                        eos, pad, L, recipe.seed)
+            stream: Any = BestFitStream(d.name, d.entry.tokens, d.entry.offsets, docs,
+                                        eos, pad, L, recipe.seed, trained)
         else:
-            stream = ConcatStream(d.name, d.entry.tokens, d.entry.offsets, d.train_docs, eos, L,
-                                  recipe.seed)
+            stream = ConcatStream(d.name, d.entry.tokens, d.entry.offsets, docs, eos, L,
+                                  recipe.seed, trained)
         streams.append(stream)
         lengths = d.entry.lengths()
         # What this source trains on, exactly: the cache entry and the documents taken from it.
-        content = hashlib.sha256(d.entry.key.encode() + d.train_docs.tobytes()).hexdigest()[:16]
+        content = hashlib.sha256(d.entry.key.encode() + docs.tobytes()).hexdigest()[:16]
+        available = int((lengths[docs] + 1).sum())
         rows.append(PlanSource(name=d.name, role=d.role, weight=d.config.weight,
-                               documents=len(d.train_docs),
-                               tokens_available=int((lengths[d.train_docs] + 1).sum()),
+                               documents=len(docs), tokens_available=available,
                                holdout_tokens=d.heldout_tokens, inherited=d.inherited,
-                               content=content))
+                               content=content, loss_on=d.config.loss_on,
+                               trained_available=_trained_tokens(d.entry, docs, trained),
+                               beyond_seq_len=beyond))
+        if beyond:
+            data.warnings.append(
+                f"source {d.name!r}: {beyond:,} document{'s' * (beyond != 1)} begin with "
+                f"{L:,} or more untrained tokens (a prompt or conversation longer than "
+                f"data.seq_len), so no trained token could be seen with its context: left out "
+                "of training. Raise data.seq_len or shorten those records.")
     limits = [d.config.max_epochs if d.config.max_epochs is not None else recipe.data.max_epochs
               for d in data.domains]
     schedule = build_schedule(recipe, [(d.name, d.role, d.config) for d in data.domains], steps,

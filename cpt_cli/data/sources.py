@@ -24,6 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from cpt_cli.config import SourceConfig
+from cpt_cli.data.records import (
+    ChatRenderer,
+    Segments,
+    chat_segments,
+    prompt_completion_segments,
+)
 from cpt_cli.errors import DataError, offline_note
 
 RECORD_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv", ".arrow"}
@@ -316,6 +322,10 @@ def _hf_records(source: SourceConfig, base_dir: str | Path) -> Iterator[tuple[st
 def identity_fields(source: SourceConfig) -> list[str]:
     """The record fields a source's text is made of: its template's fields, else `text_field`
     (`text` for a plain file)."""
+    if source.format == "chat":
+        return [source.messages_field]
+    if source.format == "prompt_completion" and source.template is None:
+        return [source.prompt_field, source.completion_field]
     if source.template is None:
         return [source.text_field]
     return sorted({name for _, name, _, _ in string.Formatter().parse(source.template)
@@ -339,9 +349,30 @@ def record_identity(fields: list[str], record: Any) -> int:
 
 def read_documents(source: SourceConfig, base_dir: str | Path,
                    stats: ReadStats | None = None,
-                   identities: list[int] | None = None) -> Iterator[str]:
+                   identities: list[int] | None = None,
+                   chat: ChatRenderer | None = None) -> Iterator[str]:
     """Every document of `source` in a fixed order, as text, filtered by `min_chars`. With
-    `identities`, each yielded document's `record_identity` is appended to it."""
+    `identities`, each yielded document's `record_identity` is appended to it. A chat source
+    needs `chat`, the renderer of its template."""
+    for document in read_segmented(source, base_dir, stats, identities, chat):
+        yield document if isinstance(document, str) else "".join(t for t, _ in document)
+
+
+def _document_of(source: SourceConfig, record: Any, where: str,
+                 chat: ChatRenderer | None) -> str | Segments:
+    if source.format == "prompt_completion":
+        return prompt_completion_segments(source, record, where)
+    if source.format == "chat":
+        return chat_segments(source, record, where, chat)
+    return _text_of(source, record, where)
+
+
+def read_segmented(source: SourceConfig, base_dir: str | Path,
+                   stats: ReadStats | None = None,
+                   identities: list[int] | None = None,
+                   chat: ChatRenderer | None = None) -> Iterator[str | Segments]:
+    """`read_documents`, but a task record (format prompt_completion or chat) comes as its
+    `(text, trained)` segments (cpt_cli/data/records.py); a text record as its text."""
     stats = stats if stats is not None else ReadStats()
     fields = identity_fields(source)
     sizes: list[int] = []
@@ -359,7 +390,9 @@ def read_documents(source: SourceConfig, base_dir: str | Path,
             try:
                 if isinstance(record, Exception):
                     raise record
-                text = _text_of(source, record, where)
+                document = _document_of(source, record, where, chat)
+                text = document if isinstance(document, str) else \
+                    "".join(t for t, _ in document)
                 if len(text) > source.max_chars:
                     raise ValueError(f"{where}: a document of {len(text):,} characters, above "
                                      f"max_chars ({source.max_chars:,}); split it, or raise "
@@ -378,7 +411,7 @@ def read_documents(source: SourceConfig, base_dir: str | Path,
             stats.documents += 1
             if identities is not None:
                 identities.append(record_identity(fields, record))
-            yield text
+            yield document
         if sizes:
             stats.bytes_read = read_before + sizes[i]
 
@@ -405,7 +438,9 @@ def _relative(path: Path, base_dir: str | Path) -> str:
 
 def _reason(message: str) -> str:
     for reason in ("invalid JSON", "not valid UTF-8", "binary file", "is missing",
-                   "expected a JSON object", "not text", "above max_chars"):
+                   "expected a JSON object", "not text", "above max_chars", "empty completion",
+                   "unknown role", "has no role", "has no content", "chat template",
+                   "no assistant message"):
         if reason in message:
             return reason
     return "bad record"

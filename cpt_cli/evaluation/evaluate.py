@@ -21,6 +21,13 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from cpt_cli.config import SourceConfig
+from cpt_cli.data.records import (
+    ChatRenderer,
+    chat_segments,
+    prompt_completion_segments,
+    renderer_of,
+)
 from cpt_cli.data.sources import PlainFile, file_records, match_files
 from cpt_cli.errors import UsageError
 from cpt_cli.evaluation.report import (
@@ -30,11 +37,23 @@ from cpt_cli.evaluation.report import (
     save_scores,
     score_domains,
 )
-from cpt_cli.evaluation.scoring import DocumentScores, default_max_length, resolve_window
+from cpt_cli.evaluation.scoring import (
+    DocumentScores,
+    ScoredText,
+    default_max_length,
+    plain_text,
+    resolve_window,
+)
 from cpt_cli.hostmemory import keep_freed_memory
 from cpt_cli.runs.events import read_events
 from cpt_cli.runs.layout import CHECKPOINTS, complete_checkpoints
-from cpt_cli.runs.lineage import HELDOUT_DIR, MANIFEST, read_heldout, read_manifest
+from cpt_cli.runs.lineage import (
+    HELDOUT_DIR,
+    MANIFEST,
+    read_heldout,
+    read_manifest,
+    scored_text,
+)
 
 
 @dataclass
@@ -55,10 +74,13 @@ def _load(path: str | Path, device: torch.device, dtype: torch.dtype) -> tuple[A
     return model.to(device).eval(), tokenizer
 
 
-def read_text_file(name: str, file: str) -> list[str]:
+def read_text_file(name: str, file: str,
+                   chat: Callable[[], ChatRenderer] | None = None) -> list[ScoredText]:
     """Documents of `--data NAME=FILE`, read as a recipe source reads its files: JSON Lines, JSON,
     CSV, Parquet and Arrow records by their `text` field, any other file as one document, `.gz`
-    included; FILE may be a glob or a folder."""
+    included; FILE may be a glob or a folder. Records with `prompt` and `completion` are scored
+    on the completion given the prompt; records with `messages` on the assistant turns, rendered
+    with the template `chat()` returns (the evaluated model's)."""
     option = f"--data {name}={file}"
     expanded = os.path.expanduser(file)
     paths = match_files(expanded)
@@ -71,18 +93,57 @@ def read_text_file(name: str, file: str) -> list[str]:
             for where, record in file_records(path, str(path)):
                 if isinstance(record, Exception):
                     raise UsageError(f"{option}: {record}")
-                text = record.text if isinstance(record, PlainFile) else \
-                    record.get("text") if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise UsageError(f"{option}: {where} is not a record with a 'text' field "
-                                     "holding text (--data scores each record's 'text')")
-                texts.append(text)
+                texts.append(_scored_record(option, name, file, where, record, chat))
         except (OSError, EOFError, zlib.error) as err:
             raise UsageError(f"{option}: {path} could not be read ({type(err).__name__}: "
                              f"{err})") from None
-    if not any(t.strip() for t in texts):
+    if not any(plain_text(t).strip() for t in texts):
         raise UsageError(f"{option}: no text to score (the files hold no documents)")
     return texts
+
+
+def _scored_record(option: str, name: str, file: str, where: str, record: Any,
+                   chat: Callable[[], ChatRenderer] | None) -> ScoredText:
+    """One record of --data, its format told by its fields: text, prompt and completion, or
+    messages."""
+    if isinstance(record, PlainFile):
+        return record.text
+    fields = set(record) if isinstance(record, dict) else set()
+    try:
+        if "text" in fields and isinstance(record["text"], str):
+            return record["text"]
+        if {"prompt", "completion"} <= fields:
+            source = SourceConfig(name=name, path=file, format="prompt_completion",
+                                  loss_on="completion")
+            return [list(s) for s in prompt_completion_segments(source, record, where)]
+        if "messages" in fields and chat is not None:
+            source = SourceConfig(name=name, path=file, format="chat", loss_on="assistant")
+            return [list(s) for s in chat_segments(source, record, where, chat())]
+    except ValueError as err:
+        raise UsageError(f"{option}: {err}") from None
+    raise UsageError(f"{option}: {where} is not a record with a 'text' field (scored whole), "
+                     "'prompt' and 'completion' (scored on the completion), or 'messages' "
+                     "(scored on the assistant turns, with the model's chat template); it has "
+                     f"{', '.join(sorted(map(str, fields))) or 'no fields'}")
+
+
+def _chat_renderer(model_dir: Path) -> Callable[[], ChatRenderer]:
+    """The chat template of the evaluated model's tokenizer, loaded when a record needs it."""
+    renderer: list[ChatRenderer] = []
+
+    def get() -> ChatRenderer:
+        if not renderer:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(model_dir))
+            made = renderer_of(tok)
+            if made is None:
+                raise UsageError(f"--data: chat records need a chat template, and the tokenizer "
+                                 f"of {model_dir} has none; give the records as 'prompt' and "
+                                 "'completion', or 'text'")
+            renderer.append(made)
+        return renderer[0]
+    return get
 
 
 def _find_run_dir(model_dir: Path) -> Path:
@@ -110,7 +171,7 @@ def lineage_domains(model_dir: Path) -> tuple[list[DomainText], dict[str, Any]]:
     for name in manifest["sources"]:
         for folder in (model_dir / HELDOUT_DIR, run_dir / HELDOUT_DIR):
             if (folder / f"{name}.jsonl").is_file():
-                texts = [d["text"] for d in read_heldout(folder / f"{name}.jsonl")]
+                texts = [scored_text(d) for d in read_heldout(folder / f"{name}.jsonl")]
                 break
         else:
             raise UsageError(f"held-out set of domain {name!r} not found next to {model_dir}")
@@ -156,7 +217,8 @@ def evaluate(path: str | Path, *, data: dict[str, str] | None = None, base: str 
 
     last = targets[-1].model_dir
     if data:
-        domains = [DomainText(n, "retained", read_text_file(n, f)) for n, f in data.items()]
+        domains = [DomainText(n, "retained", read_text_file(n, f, _chat_renderer(last)))
+                   for n, f in data.items()]
         manifest = read_manifest(last / MANIFEST) if (last / MANIFEST).is_file() \
             else None
         if manifest and manifest.get("stages"):
@@ -180,7 +242,8 @@ def evaluate(path: str | Path, *, data: dict[str, str] | None = None, base: str 
         del model
         is_last = target is targets[-1]
         report = forgetting_table(scores, start_scores, roles,
-                                  bootstrap_samples=bootstrap_samples if is_last else 0)
+                                  bootstrap_samples=bootstrap_samples if is_last else 0,
+                                  answers={d.name for d in domains if d.scored_on_answers})
         curve.append({"step": target.step, "model": str(target.model_dir),
                       "domains": {d["name"]: {"bpb": d["bpb"], "delta_bpb": d.get("delta_bpb"),
                                               "role": d["role"]} for d in report["domains"]}})

@@ -9,14 +9,19 @@ domains (replay and every earlier stage) report forgetting = delta_bpb.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cpt_cli.errors import RecipeError
-from cpt_cli.evaluation.scoring import DocumentScores, bootstrap_delta_bpb, score_documents
+from cpt_cli.evaluation.scoring import (
+    DocumentScores,
+    bootstrap_delta_bpb,
+    plain_text,
+    score_documents,
+)
 from cpt_cli.runs.lineage import DomainText
 
 
@@ -31,7 +36,8 @@ def score_domains(model: Any, tokenizer: Any, domains: Sequence[DomainText], *,
     total = 0
     if progress is not None:
         total = sum(len(ids) for d in domains for ids in tokenizer(
-            list(d.texts), add_special_tokens=False, verbose=False)["input_ids"])
+            [plain_text(t) for t in d.texts], add_special_tokens=False,
+            verbose=False)["input_ids"])
     done = 0
 
     def step(name: str) -> Callable[[int], None] | None:
@@ -97,8 +103,11 @@ def _finite(x: float) -> float | None:
 
 def forgetting_table(now: dict[str, DocumentScores], start: dict[str, DocumentScores] | None,
                      roles: dict[str, str], *, bootstrap_samples: int = 1000,
-                     peak_forgetting: float | None = None) -> dict[str, Any]:
-    """The report behind `cpt eval --json`: domains (in `roles` order) and a summary."""
+                     peak_forgetting: float | None = None,
+                     answers: Collection[str] = ()) -> dict[str, Any]:
+    """The report behind `cpt eval --json`: domains (in `roles` order) and a summary. A domain
+    in `answers` is scored on its answers (`scored_on: answers`), every other on its whole text
+    (`scored_on: text`)."""
     domains: list[dict[str, Any]] = []
     for name, role in roles.items():
         if name not in now:
@@ -106,7 +115,8 @@ def forgetting_table(now: dict[str, DocumentScores], start: dict[str, DocumentSc
         m = now[name].totals()
         row: dict[str, Any] = {"name": name, "role": role, "documents": int(len(now[name].nll)),
                                "tokens": m.tokens, "bytes": m.bytes, "loss": m.loss,
-                               "ppl": _finite(m.ppl), "bpb": m.bpb}
+                               "ppl": _finite(m.ppl), "bpb": m.bpb,
+                               "scored_on": "answers" if name in answers else "text"}
         if start is not None and name in start:
             s = start[name].totals()
             delta = m.bpb - s.bpb

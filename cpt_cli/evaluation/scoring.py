@@ -52,7 +52,7 @@ import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -268,7 +268,8 @@ def _plan_batches(
 
 
 def _build_batch(
-    group: list[tuple[int, Window]], seqs: list[np.ndarray], device: torch.device
+    group: list[tuple[int, Window]], seqs: list[np.ndarray], device: torch.device,
+    answers: list[np.ndarray | None] | None = None,
 ) -> _Batch:
     width = max(w.end - w.begin for _, w in group)
     rows = len(group)
@@ -282,7 +283,10 @@ def _build_batch(
         input_ids[r, :n] = seq[w.begin : w.end]
         targets[r, :n] = seq[w.begin + 1 : w.end + 1]
         mask[r, :n] = 1
-        scored[r, n - w.scored : n] = True
+        answer = answers[doc] if answers is not None else None
+        # Target of row position i is token w.begin + i: the window's scored tail is tokens
+        # [end - scored, end), and of a task document only its answer's tokens among them.
+        scored[r, n - w.scored : n] = True if answer is None else answer[w.end - w.scored:w.end]
     first_scored = min(w.end - w.begin - w.scored for _, w in group)
     return _Batch(
         docs=np.fromiter((doc for doc, _ in group), dtype=np.int64, count=rows),
@@ -327,32 +331,71 @@ def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
         return False
 
 
+ScoredText = str | Sequence[Sequence[Any]]
+"""A document to score: its text (every token scored), or a task document's segments, `[text,
+answer]` pairs whose texts joined are the document (only the answers' tokens and bytes
+scored, each conditioned on all that precedes it: lm-evaluation-harness's `loglikelihood`)."""
+
+
+def plain_text(document: ScoredText) -> str:
+    """The whole text of a document to score."""
+    return document if isinstance(document, str) else "".join(t for t, _ in document)
+
+
+def _encode_answers(tokenizer: PreTrainedTokenizerBase, document: Sequence[Sequence[Any]]
+                    ) -> tuple[list[int], np.ndarray, int]:
+    """A task document's tokens (each segment encoded on its own, as the cache encodes it for
+    training), which of them are answers, and the answers' UTF-8 bytes."""
+    ids: list[int] = []
+    answer: list[bool] = []
+    n_bytes = 0
+    pieces = tokenizer([t for t, _ in document], add_special_tokens=False,
+                       return_attention_mask=False, verbose=False)["input_ids"]
+    for (text, scored), piece in zip(document, pieces, strict=True):
+        ids.extend(piece)
+        answer.extend([bool(scored)] * len(piece))
+        n_bytes += len(text.encode("utf-8")) if scored else 0
+    return ids, np.asarray(answer, dtype=bool), n_bytes
+
+
 def _encode(
-    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int, stride: int
-) -> tuple[list[np.ndarray], list[tuple[int, Window]], np.ndarray, np.ndarray]:
-    """Each document as ``[start] + tokens``, its windows, its token and UTF-8 byte counts."""
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[ScoredText], max_length: int, stride: int
+) -> tuple[list[np.ndarray], list[tuple[int, Window]], np.ndarray, np.ndarray,
+           list[np.ndarray | None] | None]:
+    """Each document as ``[start] + tokens``, its windows, its scored token and UTF-8 byte
+    counts, and (when any document has answers) which of its tokens are scored."""
     start = start_token_id(tokenizer)
     tokens = np.zeros(len(texts), dtype=np.int64)
     n_bytes = np.zeros(len(texts), dtype=np.int64)
-    encoded = tokenizer(
-        list(texts), add_special_tokens=False, return_attention_mask=False, verbose=False
-    )["input_ids"] if texts else []
+    plain = [t for t in texts if isinstance(t, str)]
+    encoded = iter(tokenizer(
+        plain, add_special_tokens=False, return_attention_mask=False, verbose=False
+    )["input_ids"] if plain else [])
     seqs: list[np.ndarray] = []
     windows: list[tuple[int, Window]] = []
-    for doc, (text, ids) in enumerate(zip(texts, encoded, strict=True)):
+    answers: list[np.ndarray | None] = []
+    for doc, text in enumerate(texts):
+        if isinstance(text, str):
+            ids, answer, size = next(encoded), None, len(text.encode("utf-8"))
+        else:
+            ids, answer, size = _encode_answers(tokenizer, text)
         seqs.append(np.asarray([start, *ids], dtype=np.int64))
-        if not ids:
-            continue  # empty document: skipped, tokens = bytes = 0
-        tokens[doc] = len(ids)
-        n_bytes[doc] = len(text.encode("utf-8"))
-        windows.extend((doc, w) for w in rolling_windows(len(ids), max_length, stride))
-    return seqs, windows, tokens, n_bytes
+        answers.append(answer)
+        scored = len(ids) if answer is None else int(answer.sum())
+        if not scored:
+            continue  # empty document (or no answer): skipped, tokens = bytes = 0
+        tokens[doc] = scored
+        n_bytes[doc] = size
+        windows.extend((doc, w) for w in rolling_windows(len(ids), max_length, stride)
+                       if answer is None or answer[w.end - w.scored:w.end].any())
+    has_answers = any(a is not None for a in answers)
+    return seqs, windows, tokens, n_bytes, answers if has_answers else None
 
 
 def score_documents(
     model: PreTrainedModel | torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    texts: Sequence[str],
+    texts: Sequence[ScoredText],
     *,
     max_length: int | None = None,
     stride: int | str | None = None,
@@ -368,7 +411,8 @@ def score_documents(
             ``position_ids`` and returns ``.logits``.
         tokenizer: a fast tokenizer; texts are encoded with ``add_special_tokens=False``
             and each document is predicted from :func:`start_token_id`.
-        texts: the documents.
+        texts: the documents: text, or a task document's `[text, answer]` segments, of
+            which only the answers are scored (tokens, bytes), each given what precedes it.
         max_length: most tokens in one forward pass, context included; defaults to
             :func:`default_max_length` (callers that know the trained context pass it).
         stride: tokens predicted by each window after the first (see
@@ -391,7 +435,7 @@ def score_documents(
         stride)
     if batch_tokens < 1:
         raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
-    seqs, windows, tokens, n_bytes = _encode(tokenizer, texts, max_length, stride)
+    seqs, windows, tokens, n_bytes, answers = _encode(tokenizer, texts, max_length, stride)
     nll = np.zeros(len(texts), dtype=np.float64)
     device = torch.device(device or next(model.parameters()).device)
     autocast = (
@@ -408,7 +452,7 @@ def score_documents(
     try:
         with torch.inference_mode(), autocast:
             for group in _plan_batches(windows, batch_tokens):
-                batch = _build_batch(group, seqs, device)
+                batch = _build_batch(group, seqs, device, answers)
                 width = batch.input_ids.shape[1]
                 # Explicit 0..n-1 positions per row: right padding follows the real
                 # tokens, so it never shifts them, whatever the model infers from the mask.

@@ -92,7 +92,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 def read_heldout(path: Path) -> list[dict[str, Any]]:
     """A held-out set (JSON Lines: text, hash, tokens and record per document; `record`, the
-    identity of the record before templating, is absent from sets written before it)."""
+    identity of the record before templating, is absent from sets written before it;
+    `segments`, `[[text, answer], ...]`, only in the sets of sources trained on answers)."""
     try:
         with open(path, encoding="utf-8") as fh:
             return [json.loads(line) for line in fh if line.strip()]
@@ -159,4 +160,16 @@ class DomainText:
 
     name: str
     role: str              # "target" or "retained"
-    texts: list[str]
+    texts: list[Any]
+    """Each document's text, or a task document's `[text, answer]` segments (scored on its
+    answers: a held-out set of a `loss_on: completion|assistant` source)."""
+
+    @property
+    def scored_on_answers(self) -> bool:
+        return any(not isinstance(t, str) for t in self.texts)
+
+
+def scored_text(heldout_document: dict[str, Any]) -> Any:
+    """What a held-out document is scored on: its segments when it has them (prompt and
+    completion, or a conversation's turns, recorded by a masked source), else its text."""
+    return heldout_document.get("segments") or heldout_document["text"]
