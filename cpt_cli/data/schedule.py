@@ -191,7 +191,7 @@ def build_schedule(recipe: Recipe, sources: list[tuple[str, str, SourceConfig]],
     """The recipe's schedules resolved on this run; None when every weight and the replay ratio
     are plain numbers (the constant plan, unchanged). `sources` are (name, role, config) in plan
     order. The recipe was checked when it loaded, so resolving here reports nothing new."""
-    ratio = recipe.data.replay.ratio
+    ratio = recipe.data.replay.starting_ratio()
     if not isinstance(ratio, dict) and not any(isinstance(c.weight, dict) for _, _, c in sources):
         return None
     s = recipe.train.schedule
