@@ -311,3 +311,38 @@ def test_a_share_over_max_epochs_is_lowered_to_fit() -> None:
                       weights=decision.weights, budget=BUDGET)
     with pytest.raises(RecipeError):  # a little more would not fit: the share is the largest
         plan.revise(120, decision_schedule(plan, looser), [1e9, 1.0, 1.0], [1e9, 150, 150])
+
+
+# --------------------------------------------------------------------------------------------
+# cpt mix inspect
+# --------------------------------------------------------------------------------------------
+
+
+def test_mix_inspect_shows_the_start_and_says_later_shares_depend_on_evaluations(
+        cli: Any, write_recipe: Any, tiny_recipe: dict[str, Any], tmp_path: Any,
+        quickstart_corpus: dict[str, Any]) -> None:
+    import shutil
+
+    shutil.copy(quickstart_corpus["code"], tmp_path / "data" / "code.jsonl")
+    tiny_recipe["data"]["replay"] = {"ratio": "auto", "max_forgetting_bpb": 0.05,
+                                     "start": 0.2, "max": 0.6,
+                                     # about 5,600 sequences of code: 0.06 epochs is about
+                                     # 28% of the run's 1,200, not the 60% of max
+                                     "sources": [{"name": "code", "path": "data/code.jsonl",
+                                                  "max_epochs": 0.06}]}
+    tiny_recipe["train"] = {"steps": 150, "global_batch_size": 8, "micro_batch_size": 4}
+    tiny_recipe["eval"] = {"every_steps": 50}
+    path = write_recipe(tiny_recipe)
+    result = cli("mix", "inspect", path, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["replay_share"] == pytest.approx(0.2, abs=0.005)  # the plan is the start
+    auto = report["replay_control"]
+    assert auto["decision_steps"] == [50, 100]
+    assert auto["replay_sources"] == ["code"] and "code" in auto["retained_domains"]
+    assert 0.2 <= auto["max_share_fitting_epochs"] < 0.35
+    text = cli("mix", "inspect", path)
+    assert text.exit_code == 0, text.output
+    flat = " ".join(text.output.split())
+    assert "later shares depend on the evaluations" in flat
+    assert "at each of the 2 evaluations" in flat and "beyond its max_epochs" in flat

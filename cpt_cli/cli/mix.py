@@ -57,6 +57,7 @@ def inspect_command(
             console = Console(width=max(140, Console().width))
             render.plan(result, console, loaded.name)
             render.phases(result, console)
+            render.replay_control(result, console)
             if plot is not None:
                 console.print(f"wrote {plot}", highlight=False)
 
