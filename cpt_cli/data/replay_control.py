@@ -134,6 +134,17 @@ class Decision:
     limited: str | None = None         # "min", "max", "rate" or "max_epochs": what held it
     change: float = 0.0                # the share's change at this decision
 
+    @classmethod
+    def from_event(cls, event: Mapping[str, Any]) -> Decision:
+        """The decision back from its `as_event` record (a resume re-applies the recorded
+        decisions to rebuild the plan exactly)."""
+        return cls(step=int(event["step"]), share=float(event["share"]),
+                   weights={str(k): float(v) for k, v in event["weights"].items()},
+                   worst_domain=event["worst_domain"],
+                   worst_forgetting=event["worst_forgetting_bpb"],
+                   budget=float(event["budget_bpb"]), limited=event["limited"],
+                   change=float(event["change"]))
+
     def as_event(self) -> dict[str, Any]:
         """The `metrics.jsonl` line of this decision (also a manifest entry)."""
         return {"event": "replay", "step": self.step, "share": self.share,
