@@ -16,6 +16,7 @@ import numpy as np
 from cpt_cli.config import Recipe, ScheduleConfig
 from cpt_cli.data.mixture import MixturePlan
 from cpt_cli.data.prepare import PreparedData, plan_data, prepare_data
+from cpt_cli.data.replay_control import ControlSettings, Decision, revise_plan, split
 from cpt_cli.training.schedule import lr_multiplier
 
 WINDOW = 1000
@@ -105,9 +106,37 @@ def inspect_mix(recipe: Recipe, *, samples: int = 0, num_processes: int | None =
     result["retained_only_domains"] = [d.name for d in data.eval_domains
                                        if d.name not in {x.name for x in data.domains}]
     result["samples"] = [_render(data, i) for i in range(min(samples, plan.total_sequences))]
+    result["replay_control"] = replay_control(recipe, data)
     if plot is not None:
         plot_mix(plan, recipe, plot)
     return result
+
+
+def replay_control(recipe: Recipe, data: PreparedData) -> dict[str, Any] | None:
+    """Under `data.replay.ratio: auto`: the controller's settings, the steps where it may revise
+    the plan, and the highest share the sources' max_epochs allow over the whole run (the plan
+    shown is only the start: later shares depend on the evaluations). None otherwise."""
+    replay = recipe.data.replay
+    if not replay.is_auto:
+        return None
+    assert data.plan is not None and recipe.eval.every_steps is not None
+    plan, every = data.plan, recipe.eval.every_steps
+    settings = ControlSettings.from_plan(replay, plan)
+    limits = [d.config.max_epochs if d.config.max_epochs is not None else recipe.data.max_epochs
+              for d in data.domains]
+    # The highest share, planned from step 0 with the recipe's split: a plan at that share from
+    # the first evaluation on can only take fewer replay sequences.
+    highest = Decision(step=0, share=settings.high, weights=split(settings, {}),
+                       budget=settings.budget)
+    fitted = revise_plan(plan, 0, highest, limits,
+                         [s.sequences_per_epoch for s in data.streams]).decision
+    return {"ratio": "auto", "budget_bpb": settings.budget, "min": settings.low,
+            "max": settings.high, "start": settings.start, "every_steps": every,
+            "decision_steps": list(range(every, data.steps, every)),
+            "replay_sources": list(settings.base_weights),
+            "retained_domains": [d.name for d in data.eval_domains if d.role == "retained"],
+            "max_share_fitting_epochs": fitted.share,
+            "note": "the plan shows the starting share; later shares depend on the evaluations"}
 
 
 def _render(data: PreparedData, index: int) -> dict[str, Any]:

@@ -52,7 +52,7 @@ def test_recipe_doc_covers_every_field_with_its_docstring() -> None:
             assert f.doc, f"{cls.name}.{f.name} has no docstring under it"
             assert docgen._cell(f.doc) in page
     # A few keys with their full paths, types and defaults as a user writes them.
-    assert "| `data.replay.ratio` | number or mapping | `0.0` |" in page
+    assert "| `data.replay.ratio` | number or mapping or `auto` | `0.0` |" in page
     assert "| `data.holdout.tokens` | size (`100k`, `50M`, `2B`) | `100k` |" in page
     assert "| `model.train_tokenizer.max_chars` | size (`100k`, `50M`, `2B`) | `20M` |" in page
     assert "| `train.optimizer.lr` | number | `3.0e-4` |" in page

@@ -60,6 +60,7 @@ def inspect_command(
             render.plan(result, console, loaded.name)
             render.trained_shares(result, console)
             render.phases(result, console)
+            render.replay_control(result, console)
             if plot is not None:
                 console.print(f"wrote {plot}", highlight=False)
 

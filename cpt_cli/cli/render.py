@@ -147,6 +147,29 @@ def plan(result: dict[str, Any], console: Console, name: str) -> None:
             console.print(f"[dim]<{sample['padding']} padding tokens>[/dim]")
 
 
+def replay_control(result: dict[str, Any], console: Console) -> None:
+    """Under `data.replay.ratio: auto`: the plan above is only the start; when and within what
+    the controller will set the replay share."""
+    auto = result.get("replay_control")
+    if not auto:
+        return
+    steps = auto["decision_steps"]
+    when = (f"at each of the {len(steps)} evaluations (every {auto['every_steps']} steps, from "
+            f"step {steps[0]})") if steps else "never (no evaluation before the end)"
+    retained = ", ".join(auto["retained_domains"]) or "none"
+    console.print(
+        f"replay share: auto. The plan above is the start ({auto['start']:.2%}); later shares "
+        f"depend on the evaluations: {when} the controller sets the share between "
+        f"{auto['min']:.2%} and {auto['max']:.2%}, and its split among "
+        f"{', '.join(auto['replay_sources'])}, to keep every retained domain ({retained}) "
+        f"within {auto['budget_bpb']:+.4f} bits per byte of the start.", highlight=False)
+    if auto["max_share_fitting_epochs"] < auto["max"]:
+        console.print(f"[yellow]warning:[/yellow] above {auto['max_share_fitting_epochs']:.2%} "
+                      "replay a replay source would be repeated beyond its max_epochs; the "
+                      "controller will plan at most that share (add replay data or raise "
+                      "max_epochs to allow data.replay.max)", highlight=False)
+
+
 def _weight(value: Any) -> str:
     """A number, or a schedule as its points (`0%: 0.7 -> 100%: 0.2`)."""
     if not isinstance(value, dict):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import string
 
-from cpt_cli.config.mixschedule import check_mix_schedules, peak
+from cpt_cli.config.mixschedule import check_mix_schedules, peak, run_geometry
 from cpt_cli.config.paths import resolve_path
 from cpt_cli.config.schema import (
     DataConfig,
@@ -42,6 +42,7 @@ def check_semantics(recipe: Recipe, problems: list[str]) -> None:
     check_eval(recipe.eval, problems)
     check_launch(recipe, recipe.launch, problems)
     check_mix_schedules(recipe, problems)
+    check_replay_control(recipe, problems)
 
 
 def check_model(m: ModelConfig, problems: list[str]) -> None:
@@ -193,14 +194,15 @@ def check_template(key: str, template: str, problems: list[str]) -> None:
 
 
 def check_replay(r: ReplayConfig, problems: list[str]) -> None:
-    ratio = peak(r.ratio)  # a ratio schedule's own values are checked by check_mix_schedules
-    if not isinstance(r.ratio, dict) and not (0.0 <= ratio < 1.0):  # also catches NaN
+    # Under auto the share reaches at most `max` (its bounds are checked by check_replay_control).
+    ratio = r.max if r.is_auto else peak(r.ratio)  # a schedule's values: check_mix_schedules
+    if not r.is_auto and not isinstance(r.ratio, dict) and not (0.0 <= ratio < 1.0):  # NaN too
         problems.append(f"data.replay.ratio: {r.ratio} must be at least 0 and below 1 (a stage "
                         "needs some new data); e.g. 0.25")
     if r.sources and ratio == 0.0:
         problems.append("data.replay.ratio: replay sources are listed but ratio is 0; set e.g. "
                         "data.replay.ratio=0.25 or remove data.replay.sources")
-    if ratio > 0 and not r.sources and not r.inherit:
+    if ratio > 0 and not r.sources and not r.inherit and not r.is_auto:  # auto: its own message
         problems.append("data.replay: ratio > 0 needs replay sources: list data.replay.sources "
                         "or set inherit: true with a cpt run as model.path")
     if r.buffer_tokens is not None and r.buffer_tokens <= 0:
@@ -291,3 +293,70 @@ def check_launch(recipe: Recipe, launch: LaunchConfig, problems: list[str]) -> N
         problems.append(f"launch.accelerate_config: {config!r} is not a file (looked for "
                         f"{resolve_path(recipe, config)}); give an accelerate config file "
                         "(`accelerate config` writes one), relative to the recipe")
+
+
+# The keys read only under `ratio: auto`; set without it they would do nothing, silently.
+_AUTO_ONLY = ("max_forgetting_bpb", "min", "max", "start")
+
+
+def check_replay_control(recipe: Recipe, problems: list[str]) -> None:
+    """`data.replay.ratio: auto` and its settings: a budget, bounds within [0, 1) in order, a
+    start between them, a retained domain to replay, and evaluations during the run to steer by
+    (every problem named at once, as the rest of the recipe's)."""
+    r = recipe.data.replay
+    if not r.is_auto:
+        defaults = ReplayConfig()
+        for key in _AUTO_ONLY:
+            if getattr(r, key) != getattr(defaults, key):
+                problems.append(f"data.replay.{key}: {getattr(r, key)} is read only with "
+                                "data.replay.ratio: auto; remove it, or set ratio: auto"
+                                + (" (to stop a run whose forgetting exceeds a limit, use "
+                                   "eval.max_forgetting_bpb)" if key == "max_forgetting_bpb"
+                                   else ""))
+        return
+    budget = r.max_forgetting_bpb
+    if budget is None:
+        problems.append("data.replay.max_forgetting_bpb: required with data.replay.ratio: auto "
+                        "(the budget the controller holds: the largest rise in bits per byte "
+                        "a retained domain may show); e.g. 0.02")
+    elif not budget > 0:
+        problems.append(f"data.replay.max_forgetting_bpb: {budget} must be above 0 (bits per "
+                        "byte); e.g. 0.02")
+    bounds_ok = True
+    for key in ("min", "max"):
+        value = getattr(r, key)
+        if not 0.0 <= value < 1.0:
+            bounds_ok = False
+            problems.append(f"data.replay.{key}: {value} must be at least 0 and below 1 (a "
+                            "share of the training tokens; a stage needs some new data)")
+    if bounds_ok and r.min > r.max:
+        bounds_ok = False
+        problems.append(f"data.replay.min: {r.min} is above data.replay.max ({r.max}); the "
+                        "bounds are crossed, swap them")
+    if bounds_ok and not r.min <= r.start <= r.max:
+        problems.append(f"data.replay.start: {r.start} is outside [min, max] = [{r.min}, "
+                        f"{r.max}]; start between the bounds, e.g. {(r.min + r.max) / 2:g}")
+    if bounds_ok and r.min == 0 and not r.allow_drop:
+        problems.append("data.replay.min: 0 lets the controller stop replay, which drops every "
+                        "retained domain (how forgetting starts); set min above 0 (e.g. 0.05) "
+                        "or data.replay.allow_drop: true")
+    if not r.sources and not r.inherit:
+        problems.append("data.replay.ratio: auto needs a retained domain to replay and measure: "
+                        "list data.replay.sources, or set data.replay.inherit: true with a cpt "
+                        "run as model.path")
+    for i, src in enumerate(r.sources):
+        if isinstance(src.weight, dict):
+            problems.append(f"data.replay.sources[{i}].weight: a schedule, but under "
+                            "data.replay.ratio: auto the controller sets the split of replay "
+                            "among retained domains; give a number (its share before the first "
+                            "evaluation)")
+    every = recipe.eval.every_steps
+    if every is None:
+        problems.append("eval.every_steps: required with data.replay.ratio: auto (the "
+                        "controller sets the replay share at each evaluation); e.g. 50")
+    else:
+        geometry = run_geometry(recipe)
+        if geometry is not None and every > 0 and every >= geometry.steps:
+            problems.append(f"eval.every_steps: {every} is not below the run's "
+                            f"{geometry.steps} steps, so data.replay.ratio: auto would never "
+                            f"act; evaluate more often, e.g. {max(1, geometry.steps // 10)}")

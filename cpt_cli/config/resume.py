@@ -66,6 +66,11 @@ RULES: dict[str, tuple[Action, str]] = {
     "data.replay.ratio": ("replan", _MIX),
     "data.replay.inherit": ("refuse", _PLAN),
     "data.replay.allow_drop": ("continue", "a permission the schedule is checked against"),
+    "data.replay.max_forgetting_bpb": ("apply", "the replay budget from the checkpoint's step on; "
+                                                "decisions already made stay in the plan"),
+    "data.replay.min": ("apply", "a bound of auto replay, from the checkpoint's step on"),
+    "data.replay.max": ("apply", "a bound of auto replay, from the checkpoint's step on"),
+    "data.replay.start": ("refuse", "the replay share before the first evaluation: " + _PLAN),
     "data.replay.sources.*.name": ("refuse", _PLAN),
     "data.replay.sources.*.path": ("refuse", _PLAN),
     "data.replay.sources.*.hf.*": ("refuse", _PLAN),

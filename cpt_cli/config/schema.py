@@ -118,8 +118,16 @@ class SourceConfig:
 class ReplayConfig:
     """Earlier data mixed into every stage, so the model keeps what it knew."""
 
-    ratio: float | dict[str, Any] = 0.0
-    """Share of the training tokens drawn from replay sources (0 <= ratio < 1): a number, or a schedule like a source's weight."""
+    ratio: float | dict[str, Any] | Literal["auto"] = 0.0
+    """Share of the training tokens drawn from replay sources (0 <= ratio < 1): a number, a schedule like a source's weight, or `auto`: set at every evaluation to keep forgetting within max_forgetting_bpb (see docs/replay-control.md)."""
+    max_forgetting_bpb: float | None = None
+    """ratio: auto only: the forgetting budget, the largest rise in bits per byte over the start model that any retained domain may show (judged on the point estimate of delta_bpb, as eval.max_forgetting_bpb is); e.g. 0.02."""
+    min: float = 0.05
+    """ratio: auto only: the lowest replay share the controller may choose (0.05: Ibrahim et al. 2024's ratio for a weak shift; 0 needs allow_drop: true)."""
+    max: float = 0.5
+    """ratio: auto only: the highest replay share the controller may choose (below 1: a stage needs some new data)."""
+    start: float = 0.25
+    """ratio: auto only: the share before the first evaluation (0.25: Ibrahim et al. 2024's ratio for a strong shift); within [min, max]."""
     allow_drop: bool = False
     """Allow a ratio schedule that reaches 0 for the rest of the run."""
     inherit: bool = True
@@ -128,6 +136,15 @@ class ReplayConfig:
     """Replay sources named here; one named like an inherited source replaces it."""
     buffer_tokens: Size | None = None
     """Draw a fixed, deterministic pool of this many tokens per replay source and cycle it."""
+
+    @property
+    def is_auto(self) -> bool:
+        """Whether the replay share is steered by the forgetting budget (`ratio: auto`)."""
+        return isinstance(self.ratio, str)
+
+    def starting_ratio(self) -> float | dict[str, Any]:
+        """The ratio the plan starts from: `start` under auto, else the ratio as written."""
+        return self.start if self.is_auto else self.ratio  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -155,7 +155,8 @@ def resolve_domains(recipe: Recipe, lineage: Lineage | None) -> list[Domain]:
     base = recipe.base_dir
     domains = [Domain(s.name, "new", s, base) for s in recipe.data.sources]
     domains += [Domain(s.name, "replay", s, base) for s in recipe.data.replay.sources]
-    if lineage is not None and recipe.data.replay.inherit and peak(recipe.data.replay.ratio) > 0:
+    replay = recipe.data.replay
+    if lineage is not None and replay.inherit and (replay.is_auto or peak(replay.ratio) > 0):
         named = {d.name for d in domains}
         for src in lineage.sources:
             if src.name not in named:
@@ -494,11 +495,17 @@ def plan_data(recipe: Recipe, data: PreparedData, num_processes: int = 1) -> Pre
               for d in data.domains]
     schedule = build_schedule(recipe, [(d.name, d.role, d.config) for d in data.domains], steps,
                               global_batch)
-    ratio = recipe.data.replay.ratio
+    # Under ratio: auto the plan starts at data.replay.start; the trainer revises it at every
+    # evaluation (cpt_cli.data.replay_control).
+    ratio = recipe.data.replay.starting_ratio()
     if schedule is not None and schedule.is_constant:  # mappings that never change: numbers
         ratio = schedule.ratio.value(0)
         for row, weight in zip(rows, schedule.weights, strict=True):
             row.weight = weight.value(0)
+    if recipe.data.replay.is_auto and not any(d.role == "replay" for d in data.domains):
+        raise RecipeError("data.replay.ratio: auto needs a retained domain to replay and measure, "
+                          "and this run has none (model.path is not a cpt run, so inherit: true "
+                          "adds nothing): list data.replay.sources")
     data.plan = make_plan(rows, [s.sequences_per_epoch for s in streams], steps * global_batch,
                           ratio, L, recipe.seed, limits, packing=recipe.data.packing,
                           global_batch=global_batch, schedule=schedule)

@@ -192,7 +192,7 @@ def build_schedule(recipe: Recipe, sources: list[tuple[str, str, SourceConfig]],
     are plain numbers (the constant plan, unchanged). `sources` are (name, role, config) in plan
     order. The recipe was checked when it loaded, so resolving here reports nothing new. With
     `always`, a constant mixture is a (constant) schedule too: what a plan revision needs."""
-    ratio = recipe.data.replay.ratio
+    ratio = recipe.data.replay.starting_ratio()
     if not always and not isinstance(ratio, dict) and \
             not any(isinstance(c.weight, dict) for _, _, c in sources):
         return None
