@@ -65,3 +65,15 @@ def test_plain_lines_off_a_terminal_and_always_the_totals(monkeypatch: Any) -> N
     assert "about" in lines[1] and "left" in lines[1]
     assert lines[2].startswith("tokenized code: 45 documents, 2,250 tokens in 30.0 s")
     assert len(lines) == 3
+
+
+def test_a_source_seen_once_shows_no_rate(monkeypatch: Any) -> None:
+    """Tokenized in one batch, a source's first update is its last: elapsed time is about 0,
+    and a rate over it would read 1e14 tokens/s. Totals only."""
+    console = Console(record=True, width=120, force_terminal=False)
+    display = TrainDisplay(console=console)
+    monkeypatch.setattr(display_module.time, "monotonic", lambda: 5.0)
+    display.data_progress(SourceProgress("notes", 12, 3_000, done=True))
+    text = console.export_text()
+    assert "tokenized notes: 12 documents, 3,000 tokens" in text
+    assert "tokens/s" not in text

@@ -22,6 +22,8 @@ from rich.progress import (
 # Off a terminal, one tokenizing line per this many seconds per run: a log gets a line a few
 # times a minute on long work, where a line per batch (4M characters) would be one a second.
 DATA_LINE_EVERY_S = 10.0
+# A rate over less time than this is noise (one batch seen at once): it is left out.
+MIN_RATE_SECONDS = 0.5
 
 
 class TrainDisplay:
@@ -76,10 +78,9 @@ class TrainDisplay:
         if update.source not in self._data_tasks:
             self._data_tasks[update.source] = self._data_bar.add_task(
                 update.source, total=update.bytes_total or None, figures="")
-        rate = update.tokens / max(elapsed, 1e-9)
         self._data_bar.update(self._data_tasks[update.source], completed=update.bytes_read,
                               figures=f"{update.documents:,} documents  {update.tokens:,} "
-                                      f"tokens  {rate:,.0f} tokens/s")
+                                      f"tokens{_rate(update.tokens, elapsed, '  ')}")
 
     def _data_finished(self, update: Any, elapsed: float) -> None:
         if self._data_bar is not None and update.source in self._data_tasks:
@@ -92,8 +93,9 @@ class TrainDisplay:
                     "(tokenized before, from the cache)")
         else:
             line = (f"tokenized {update.source}: {update.documents:,} documents, "
-                    f"{update.tokens:,} tokens in {elapsed:,.1f} s "
-                    f"({update.tokens / max(elapsed, 1e-9):,.0f} tokens/s)")
+                    f"{update.tokens:,} tokens"
+                    + (f" in {elapsed:,.1f} s ({_rate(update.tokens, elapsed, '')})"
+                       if elapsed >= MIN_RATE_SECONDS else ""))
         self.console.print(line, highlight=False)
         skipped = update.skipped_line()
         if skipped:
@@ -162,9 +164,15 @@ class TrainDisplay:
             self.progress = None
 
 
+def _rate(tokens: int, elapsed: float, sep: str = ", ") -> str:
+    """`sep` + tokens per second, or nothing over too short a time: a source seen only once
+    (tokenized in one batch) has an elapsed time near 0, and its rate would read 1e14."""
+    return f"{sep}{tokens / elapsed:,.0f} tokens/s" if elapsed >= MIN_RATE_SECONDS else ""
+
+
 def _data_figures(update: Any, elapsed: float) -> str:
-    rate = update.tokens / max(elapsed, 1e-9)
-    text = f"{update.documents:,} documents, {update.tokens:,} tokens, {rate:,.0f} tokens/s"
+    text = f"{update.documents:,} documents, {update.tokens:,} tokens" \
+        f"{_rate(update.tokens, elapsed)}"
     if update.bytes_total:
         share = update.bytes_read / update.bytes_total
         left = elapsed * (1 - share) / share if share else None
