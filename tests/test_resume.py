@@ -4,6 +4,7 @@ before the resume point; a changed data section is refused."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -220,7 +221,8 @@ def test_compiled_run_resumed_in_a_new_process_is_bit_exact(tmp_path: Path) -> N
     _assert_same_run(tmp_path / "straight", rewound)
 
 
-@pytest.mark.parametrize("damage", ["truncated-weights", "model-changed"])
+@pytest.mark.parametrize("damage", ["truncated-weights", "model-changed",
+                                    "model-changed-unrecorded"])
 def test_a_checkpoint_that_cannot_load_is_refused_before_anything_changes(
         damage: str, straight: dict[str, Any]) -> None:
     run_dir = straight["tmp"] / f"refused-{damage}"
@@ -232,7 +234,15 @@ def test_a_checkpoint_that_cannot_load_is_refused_before_anything_changes(
         with open(newest / "model.safetensors", "r+b") as fh:
             fh.truncate(50)
         expect = re.escape("model.safetensors is damaged")
-    else:
+    elif damage == "model-changed":  # the checkpoint's recipe names the key
+        recipe = _recipe(straight["tmp"], straight["paths"], model={"init": {"config": {
+            "intermediate_size": 96}}})
+        expect = r"model\.init\.config: .*'intermediate_size': 64.* -> .*'intermediate_size': " \
+                 r"96.*the architecture the checkpoint's weights belong to"
+    else:  # a checkpoint without its recipe (cpt before it saved one): the weights' shapes
+        state = json.loads((newest / "trainer_state.json").read_text())
+        del state["recipe"]
+        (newest / "trainer_state.json").write_text(json.dumps(state))
         recipe = _recipe(straight["tmp"], straight["paths"], model={"init": {"config": {
             "intermediate_size": 96}}})
         expect = r"holds model\.layers\.0\.mlp\.\w+\.weight of shape \[\d+, \d+\], the recipe's " \
