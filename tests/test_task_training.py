@@ -11,6 +11,7 @@ trained from), 4 sequences of 64 tokens a step in 2 micro batches.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +165,31 @@ def test_two_processes_match_one_on_a_masked_recipe(
         assert x["trained_tokens"]["qa"] > 0
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-4), x["step"]
 
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.mark.parametrize("name, chat_template, warned", [
+    ("tiny-Instruct", CHAT_TEMPLATE, True),
+    ("tiny-base", CHAT_TEMPLATE, False),      # a chat template alone does not make it instruct
+    ("tiny-Instruct", None, False),           # nor does the name without a chat template
+])
+def test_an_instruct_start_model_is_warned_about_once(
+        tmp_path: Path, start_model: Path, quickstart_corpus: dict[str, Path], cli: Any,
+        name: str, chat_template: str | None, warned: bool) -> None:
+    from transformers import AutoTokenizer
+
+    model = tmp_path / name
+    shutil.copytree(start_model, model)
+    tok = AutoTokenizer.from_pretrained(str(start_model))
+    tok.chat_template = chat_template
+    tok.save_pretrained(str(model))
+    recipe = masked_recipe(tmp_path, model, quickstart_corpus, steps=1)
+    for args in (["mix", "inspect", recipe], ["train", recipe, "--output-dir", tmp_path / "run"]):
+        result = cli(*args)
+        assert result.exit_code == 0, result.output
+        text = " ".join(result.output.split())  # the table's wrapping undone
+        assert text.count("arXiv:2410.10739") == int(warned), text
+        if warned:
+            assert f"{name!r} names it so" in text and "docs/concepts.md" in text
