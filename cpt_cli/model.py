@@ -4,8 +4,10 @@ layer by layer), which training/setup.py applies."""
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
+import re
 import shutil
 import warnings
 from collections.abc import Mapping
@@ -142,6 +144,37 @@ def _context_of(config: dict[str, Any]) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return None
+
+
+# "Qwen2.5-0.5B-Instruct", "Llama-2-7b-chat-hf", "gemma-2-2b-it": how model names say that
+# instruction or chat tuning followed pre-training.
+_INSTRUCT_NAME = re.compile(r"instruct|chat|(?:^|[-_])it(?:$|[-_])", re.IGNORECASE)
+
+
+def instruct_model_warning(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The warning for a start model that is instruction-tuned: its tokenizer has a chat
+    template and its name (the last part of model.path, or of the `_name_or_path` its
+    config.json recorded) says instruct or chat. None for any other model."""
+    if recipe.model.path is None or not getattr(tokenizer, "chat_template", None):
+        return None
+    location = model_location(recipe) or recipe.model.path
+    # The last part only: the folders above a local model say nothing about it (a path under
+    # "chat-experiments/" is not a chat model).
+    names = [Path(location).name]
+    config_file = Path(location) / "config.json"
+    if config_file.is_file():
+        with contextlib.suppress(OSError, UnicodeDecodeError, json.JSONDecodeError):
+            recorded = json.loads(config_file.read_text())
+            if isinstance(recorded, dict) and isinstance(recorded.get("_name_or_path"), str):
+                names.append(Path(recorded["_name_or_path"]).name)
+    marked = next((n for n in names if _INSTRUCT_NAME.search(n)), None)
+    if marked is None:
+        return None
+    return (f"model.path {recipe.model.path!r} looks instruction-tuned ({marked!r} names it so and "
+            "its tokenizer has a chat template): continued pre-training erodes instruction "
+            "following (Jindal et al. 2024, arXiv:2410.10739). Start from its base model where "
+            "one exists, or keep chat data trained on the answers in the mix (loss_on: "
+            "assistant); see docs/concepts.md.")
 
 
 def load_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:

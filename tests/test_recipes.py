@@ -45,6 +45,7 @@ NEEDS_THE_HUB = {
     "qwen2.5-0.5b-domain.yaml": "Qwen/Qwen2.5-0.5B",
     "three-stage/stage1.yaml": "HuggingFaceTB/SmolLM2-360M",
     "fsdp-8gpu.yaml": "meta-llama/Llama-3.1-8B",
+    "instruct-mix.yaml": "Qwen/Qwen2.5-0.5B",
 }
 
 
@@ -85,6 +86,25 @@ def test_recipe_opens_with_the_command_that_runs_it(name: str) -> None:
         f"{name}: the opening comment lacks the command that runs it"
     assert "Assumes" in comment or "assumes" in comment.lower(), \
         f"{name}: the opening comment does not say what it assumes"
+
+
+def test_instruct_mix_streams_chat_trained_on_the_assistant() -> None:
+    """The instruct mix's data all comes streamed from the Hub; its chat source is trained on
+    the assistant's replies (end-of-turn included, header not), in ChatML with no system turn
+    added."""
+    from cpt_cli.data.records import ChatRenderer
+
+    recipe = load_recipe(RECIPES / "instruct-mix.yaml")
+    every = [*recipe.data.sources, *recipe.data.replay.sources]
+    assert all(s.hf is not None and s.hf.streaming and s.hf.max_documents for s in every)
+    (chat,) = [s for s in every if s.format == "chat"]
+    assert chat.loss_on == "assistant" and chat.messages_field == "messages"
+    assert chat.chat_template is not None
+    segments = ChatRenderer(chat.chat_template, {}).segments(
+        [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],
+        "assistant", "instruct-mix")
+    assert segments == [("<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n", False),
+                        ("Hello.<|im_end|>\n", True)]
 
 
 def test_accelerate_configs_are_referenced_and_well_formed() -> None:
@@ -190,6 +210,9 @@ def test_quickstart_stage_two_inherits_the_base_lineage(layout: Path) -> None:
     cpt = inspect_mix(load_recipe(layout / "recipes" / "quickstart" / "cpt.yaml", stage2))
     roles = {s["name"]: (s["role"], s["inherited"]) for s in cpt["sources"]}
     assert roles == {"code": ("new", False), "prose": ("replay", True), "qa": ("replay", True)}
+    # The base trained qa on its answers; replayed through the lineage, it still is.
+    assert {s["name"]: s["loss_on"] for s in cpt["sources"]} == \
+        {"code": "all", "prose": "all", "qa": "completion"}
     assert abs(cpt["replay_share"] - 0.25) < 0.01
 
     finetune = inspect_mix(load_recipe(layout / "recipes" / "quickstart" / "finetune.yaml",

@@ -144,6 +144,9 @@ def test_metrics_train_and_eval_events(run: dict[str, Any]) -> None:
     for e in train_events:
         assert set(e) >= {"step", "tokens", "loss", "lr", "tokens_per_s", "grad_norm"}
         assert e["tokens"] == e["step"] * 4 * 64
+        # Unmasked concat: every position but each row's first is trained.
+        assert set(e["trained_tokens"]) == {"prose", "code"}
+        assert sum(e["trained_tokens"].values()) == 4 * 63
         # The lr logged with step s is the one its update used.
         assert e["lr"] == pytest.approx(3e-3 * lr_multiplier(schedule, e["step"] - 1, 6))
         assert e["tokens_per_s"] > 0 and 0 < e["loss"] < 20

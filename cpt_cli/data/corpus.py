@@ -10,7 +10,8 @@ a laptop with nothing to download. Every CPython installation already carries en
   :mod:`ast`, never imported) plus the language-reference topics in
   :mod:`pydoc_data.topics`;
 * ``qa``    -- question/answer pairs made from public function signatures and the first
-  paragraph of their docstrings.
+  paragraph of their docstrings (at least ``MIN_ANSWER_CHARS`` characters: never an empty
+  completion, which the quickstart's ``format: prompt_completion`` source would refuse).
 
 The output depends only on the Python version, so it is byte-identical on every build and
 is stamped in ``corpus.json``; a later build with a matching stamp is skipped.

@@ -75,11 +75,17 @@ class PackedLoader:
         """Targets in the whole global batch of `step`, all processes (for loss normalization);
         computed from the plan and the packing, without building the other processes'
         sequences and without communication."""
-        total = 0
+        return int(self.step_trained_tokens(step).sum())
+
+    def step_trained_tokens(self, step: int) -> np.ndarray:
+        """Per source number, the targets of the whole global batch of `step`: what
+        `labels[:, 1:] != -100` counts over every process's micro batches, from the plan alone,
+        so every process knows every source's figure with no reduce."""
+        total = np.zeros(len(self.streams), dtype=np.int64)
         first = step * self.global_batch
         for i in range(first, first + self.global_batch):
             k, j = self.plan.locate(i)
-            total += self.streams[k].label_tokens(j)
+            total[k] += self.streams[k].label_tokens(j)
         return total
 
     def iter_steps(self, start_step: int = 0) -> Iterator[tuple[int, list[MicroBatch]]]:

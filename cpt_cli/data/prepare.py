@@ -47,7 +47,7 @@ from cpt_cli.data.tokenization import (
     train_tokenizer,
 )
 from cpt_cli.errors import RecipeError, UsageError
-from cpt_cli.model import check_model_path
+from cpt_cli.model import check_model_path, instruct_model_warning
 from cpt_cli.runs.lineage import (
     DomainText,
     Lineage,
@@ -287,7 +287,9 @@ def prepare_data(recipe: Recipe, *, progress: Progress | None = None,
     tok_fp = tokenizer_fingerprint(tokenizer)
     domains = resolve_domains(recipe, lineage)
     recorded = {s.name: s for s in lineage.sources} if lineage else {}
-    warnings: list[str] = []
+    # Said once, first, by every planning command (cpt train, cpt mix inspect).
+    instruct = instruct_model_warning(recipe, tokenizer)
+    warnings: list[str] = [instruct] if instruct else []
     _split_domains(recipe, domains, recorded, tokenizer, tok_fp, cache_dir, progress, warnings)
     # A held-out document that is also trained on (in any source) would measure memorization.
     trained = np.concatenate([d.entry.hashes[d.train_docs] for d in domains if d.entry is not None]

@@ -142,15 +142,20 @@ def _log(run: Run, result: StepResult, throughput: Throughput, cuda: bool) -> No
     """A train event: metrics.jsonl, the trackers and the display."""
     step = run.state.step
     tps = throughput.tokens_per_s(step)
+    # trained_tokens: per source, the tokens of this step's global batch that the loss saw
+    # (`tokens` counts what the model computed over): a Q&A source trained on its answers
+    # shows here how much of the loss it really is.
     event = {"event": "train", "step": step, "tokens": step * run.tokens_per_step,
              "loss": result.loss, "lr": result.lr, "tokens_per_s": tps,
-             "grad_norm": result.grad_norm}
+             "grad_norm": result.grad_norm, "trained_tokens": result.trained_tokens}
     if cuda:
         event["mfu"] = throughput.mfu(tps)
     run.emit(event)
     if run.accelerator.trackers:
-        run.accelerator.log({k: v for k, v in event.items()
-                             if isinstance(v, (int, float))}, step=step)
+        scalars = {k: v for k, v in event.items() if isinstance(v, (int, float))}
+        scalars.update({f"trained_tokens/{name}": n
+                        for name, n in result.trained_tokens.items()})
+        run.accelerator.log(scalars, step=step)
     run.display.train_line(event)
 
 
@@ -201,7 +206,7 @@ def _finish(run: Run) -> TrainResult:
     final_dir = run.checkpointer.save_final(state)
     report = forgetting_table(run.evaluate(), run.start_scores, run.roles,
                               bootstrap_samples=run.recipe.eval.bootstrap_samples,
-                              peak_forgetting=state.peak_forgetting)
+                              peak_forgetting=state.peak_forgetting, answers=run.answers)
     report.update(model=str(final_dir), start=start_name(run.recipe))
     if main:
         run.emit(run.eval_event(report, state.step))

@@ -93,6 +93,12 @@ class Run:
         return {d.name: d.role for d in self.data.eval_domains}
 
     @property
+    def answers(self) -> set[str]:
+        """The domains scored on their answers (held-out sets of a loss_on completion|assistant
+        source): every forgetting report of the run marks them `scored_on: answers`."""
+        return {d.name for d in self.data.eval_domains if d.scored_on_answers}
+
+    @property
     def tokens_per_step(self) -> int:
         return self.loader.global_batch * self.recipe.data.seq_len
 
@@ -116,8 +122,14 @@ class Run:
                                  autocast_dtype=autocast_dtype, max_length=self.eval_window)
 
     def eval_event(self, report: dict[str, Any], step: int) -> dict[str, Any]:
+        # scored_on from the run, not the report: every evaluation of the run says it, whatever
+        # built its report.
+        answers = self.answers
         return {"event": "eval", "step": step, "tokens": step * self.tokens_per_step,
-                "domains": {d["name"]: {k: d.get(k) for k in ("role", "loss", "bpb", "delta_bpb")}
+                "domains": {d["name"]: {**{k: d.get(k) for k in ("role", "loss", "bpb",
+                                                                 "delta_bpb")},
+                                        "scored_on": "answers" if d["name"] in answers
+                                        else "text"}
                             for d in report["domains"]}}
 
 
@@ -298,5 +310,6 @@ def _start_scores(run: Run) -> Any:
     write_together(run.accelerator, "the start evaluation", start_path,
                    lambda: main and save_scores(start_path, scores))
     if main:
-        run.emit(run.eval_event(forgetting_table(scores, None, run.roles, bootstrap_samples=0), 0))
+        run.emit(run.eval_event(forgetting_table(scores, None, run.roles, bootstrap_samples=0,
+                                                 answers=run.answers), 0))
     return scores

@@ -23,12 +23,15 @@ class StepResult:
     lr: float                   # the peak-group lr this update used
     stop_requested: bool        # a signal arrived on some process during the step
     bad: bool                   # non-finite loss (or gradient norm): the update was skipped
+    trained_tokens: dict[str, int]  # per source, the global batch's tokens the loss saw
 
 
 def train_step(run: Run, step: int, micro_batches: Sequence[Any],
                signals: Signals) -> StepResult:
     """Train on one global batch (`step` counts from 0). Every process calls it."""
-    step_loss = _accumulate(run, step, micro_batches)
+    # Per source, from the plan: the same figures on every process, with no reduce.
+    trained = run.loader.step_trained_tokens(step)
+    step_loss = _accumulate(run, micro_batches, int(trained.sum()))
     norm = None
     if run.recipe.train.grad_clip is not None:
         # Under DeepSpeed the engine has already clipped (gradient_clipping, set from
@@ -50,16 +53,17 @@ def train_step(run: Run, step: int, micro_batches: Sequence[Any],
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, stop_requested=stop_requested,
-                      bad=bad)
+                      bad=bad, trained_tokens={stream.name: int(n) for stream, n in
+                                           zip(run.loader.streams, trained, strict=True)})
 
 
-def _accumulate(run: Run, step: int, micro_batches: Sequence[Any]) -> torch.Tensor:
-    """Forward and backward over the step's micro batches; the summed loss, on the device."""
+def _accumulate(run: Run, micro_batches: Sequence[Any], n_targets: int) -> torch.Tensor:
+    """Forward and backward over the step's micro batches; the summed loss, on the device.
+    `n_targets`: the trained tokens of the whole global batch (all micro batches, all
+    processes), which concat packing with loss masks makes fewer than seq_len - 1 a row."""
     recipe, accelerator, device = run.recipe, run.accelerator, run.accelerator.device
-    n_targets = run.loader.global_batch * (recipe.data.seq_len - 1) \
-        if recipe.data.packing == "concat" else run.loader.step_label_tokens(step)
     # HF's loss divides the summed token losses by num_items_in_batch; DDP then averages
-    # over the P processes, so scale by P to get the exact global mean.
+    # over the P processes, so scale by P to get the exact global mean over trained tokens.
     num_items = torch.tensor(n_targets / accelerator.num_processes, device=device)
     step_loss = torch.zeros((), device=device)
     for a, mb in enumerate(micro_batches):
