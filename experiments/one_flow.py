@@ -125,7 +125,7 @@ def train_arm(root: Path, runs: Path, arm: str, tokens: int | None, seed: int | 
             cpt(["train", str(RECIPES / f"{stage}.yaml"), "--output-dir", str(out),
                  "--overwrite", *overrides], root, log)
         trained.append((out, offset))
-        model, offset = out / "final", offset + budget
+        model, offset = out / "final", offset + trained_tokens(out)
     return model, trained
 
 
@@ -157,12 +157,18 @@ def table(rows: dict[str, dict[str, dict[str, float]]], title: str) -> str:
             return f"{c['delta']:+.3f} [no interval]"
         return f"{c['delta']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"
 
-    width = 26
-    lines = [title, f"{'arm':<16}" + "".join(f"{d:>{width}}" for d in [*DOMAINS, "mean"])]
+    width, first = 26, max(len(arm) for arm in ["arm", *rows]) + 1
+    lines = [title, f"{'arm':<{first}}" + "".join(f"{d:>{width}}" for d in [*DOMAINS, "mean"])]
     for arm, row in rows.items():
-        lines.append(f"{arm:<16}" + "".join(f"{cell(row.get(d)):>{width}}" for d in DOMAINS)
+        lines.append(f"{arm:<{first}}" + "".join(f"{cell(row.get(d)):>{width}}" for d in DOMAINS)
                      + f"{cell(mean_row(row)):>{width}}")
     return "\n".join(lines)
+
+
+def trained_tokens(run: Path) -> int:
+    """Tokens a finished run trained: its last event's (whole steps, so at most train.tokens)."""
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return max(e.get("tokens", 0) for e in events)
 
 
 def curves(trained: list[tuple[Path, int]]) -> dict[str, list[tuple[int, float]]]:
