@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := true
 export CPT_CACHE ?= $(CURDIR)/.cpt_cache
 
-.PHONY: setup demo test test-fast lint bench docs clean
+.PHONY: setup demo experiment test test-fast lint bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ demo: $(VENV)/.runtime
 	$(BIN)/python -m cpt_cli train recipes/quickstart/finetune.yaml --overwrite train.compile=$(COMPILE)
 	$(BIN)/python -m cpt_cli.quickstart compare runs/quickstart-cpt runs/quickstart-finetune
 
+# One flow against stages at equal compute (docs/experiments/one-flow.md): trains the base on
+# prose, then four arms of 600k tokens each from it, and prints the forgetting table of every
+# arm against that one base; curves in runs/one-flow-curves.png.
+experiment: $(VENV)/.runtime
+	$(BIN)/python experiments/one_flow.py
+
 test: setup
 	$(BIN)/python -m pytest -q
 
@@ -47,7 +53,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
-	$(BIN)/ruff check cpt_cli tests bench
+	$(BIN)/ruff check cpt_cli tests bench experiments
 
 bench: setup
 	$(BIN)/python bench/tokenize_cache.py

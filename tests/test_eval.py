@@ -496,3 +496,41 @@ def test_window_options_are_checked(two_stage: dict[str, Path], tmp_path: Path) 
     # The run's start figures were scored in 64-token windows: other windows do not compare.
     result = runner.invoke(app, ["eval", final, "--max-length", "32"])
     assert result.exit_code == 2 and "--base" in result.output, result.output
+
+
+def test_the_plot_marks_a_scheduled_runs_phase_boundaries(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eval events' `phase` (steps A-B) gives the boundaries: a dotted line where a phase
+    an evaluation saw begins, none for a run without phases."""
+    import matplotlib.axes
+
+    from cpt_cli.evaluation.plotting import phase_boundaries, plot_run
+
+    def run_with(phases: list[str | None]) -> Path:
+        run = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        run.mkdir()
+        events = [{"event": "eval", "step": 25 * i, "tokens": 100 * i,
+                   "domains": {"code": {"role": "target", "bpb": 2.0 - i / 10}}}
+                  | ({"phase": p} if p else {}) for i, p in enumerate(phases)]
+        events.insert(1, {"event": "train", "step": 10, "loss": 3.0})
+        (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+        return run
+
+    lines: list[float] = []
+    original = matplotlib.axes.Axes.axvline
+
+    def axvline(self: matplotlib.axes.Axes, x: float = 0, *args: object, **kwargs: object):
+        lines.append(x)
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "axvline", axvline)
+    report = {"domains": [{"name": "code", "role": "target"}]}
+    scheduled = run_with(["steps 0-60", "steps 0-60", "steps 0-60", "steps 60-80",
+                          "steps 80-100"])
+    assert phase_boundaries(scheduled) == [60, 80]
+    plot_run(scheduled, report, tmp_path / "scheduled.png")
+    assert lines == [60, 80]
+    assert (tmp_path / "scheduled.png").read_bytes()[:4] == b"\x89PNG"
+    lines.clear()
+    plot_run(run_with([None, None, None]), report, tmp_path / "constant.png")
+    assert lines == []

@@ -12,7 +12,7 @@ import pytest
 from cpt_cli.config import recipe_from_config
 from cpt_cli.config.mixschedule import parse_position
 from cpt_cli.config.schema import ScheduleConfig
-from cpt_cli.data.mixture import PlanSource, make_plan
+from cpt_cli.data.mixture import PlanSource, make_plan, phase_at, phase_span
 from cpt_cli.data.schedule import MAX_SEGMENT, MixSchedule, ValueSchedule, build_schedule
 from cpt_cli.errors import RecipeError
 from cpt_cli.training import schedule as lr
@@ -331,6 +331,39 @@ def test_a_revision_off_a_step_or_of_another_run_is_refused() -> None:
         plan.revise(8, longer, [1e9] * 2, [1e9] * 2)
 
 
+def test_phase_at_names_the_phase_an_evaluation_saw() -> None:
+    # A switch at step 60 of 100 and a ramp from step 80: three phases.
+    mix = schedule([ValueSchedule(((0, 0.7), (60, 0.2)), "step"),
+                    ValueSchedule(((0, 0.3), (80, 0.8), (100, 0.4)))], ["new", "new"], 100, 16)
+    plan = plan_for(mix)
+    names = {step: phase_at(plan, step) for step in (0, 1, 59, 60, 61, 80, 81, 100)}
+    assert names == {0: "steps 0-60", 1: "steps 0-60", 59: "steps 0-60",
+                     60: "steps 0-60",  # after step 60 no sequence of the new mix is trained
+                     61: "steps 60-80", 80: "steps 60-80", 81: "steps 80-100",
+                     100: "steps 80-100"}
+    for step, name in names.items():  # the name holds the step that trained what was seen
+        start, end = phase_span(name)
+        assert start <= max(step - 1, 0) < end
+    # The phases tile the run, each step in exactly one.
+    spans = sorted({phase_span(phase_at(plan, s)) for s in range(101)})
+    assert spans == [(0, 60), (60, 80), (80, 100)]
+
+
+def test_phase_at_is_none_for_a_constant_mix_and_cut_at_a_revision() -> None:
+    constant = make_plan(rows(["new", "new"]), [1e9] * 2, 1000, 0.0, 64, 0, [1e9] * 2,
+                         global_batch=10)
+    assert phase_at(constant, 0) is None and phase_at(constant, 50) is None
+    ramp = schedule([ValueSchedule(((0, 1.0), (100, 0.2))), ValueSchedule.constant(1.0)],
+                    ["new", "new"], 100, 10)
+    plan = plan_for(ramp)
+    assert {phase_at(plan, s) for s in (0, 50, 100)} == {"steps 0-100"}  # a ramp is one phase
+    revised = plan.revise(40 * 10, ramp, [1e9] * 2, [1e9] * 2)
+    assert [phase_at(revised, s) for s in (40, 41, 100)] == \
+        ["steps 0-40", "steps 40-100", "steps 40-100"]
+    assert phase_span("steps 40-100") == (40, 100)
+    assert phase_span("decay") is None and phase_span("steps 4-x") is None
+
+
 # ------------------------------------------------------------------------------------------
 # cpt mix inspect
 # ------------------------------------------------------------------------------------------
@@ -381,3 +414,25 @@ def test_a_bad_schedule_exits_2_with_every_problem(cli: Any, write_recipe: Any,
     assert result.exit_code == 2
     assert "falls before '60%'" in result.output and "names a wsd phase" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_scheduled_training_run_writes_the_phase_of_each_evaluation(tmp_path: Any) -> None:
+    """The trainer puts phase_at's answer into every eval event of a scheduled run; a constant
+    run's events have no phase (tests/test_trainer.py's runs)."""
+    import json
+
+    from test_trainer import tiny_recipe, write_sources
+
+    from cpt_cli.training.loop import train
+
+    paths = write_sources(tmp_path / "data")
+    sources = [{"name": "prose", "path": paths["prose"], "weight": {"0%": 1.0, "50%": 0.2}},
+               {"name": "code", "path": paths["code"], "weight": 0.5}]
+    recipe = tiny_recipe(tmp_path, "phased", sources, train={"steps": 6},
+                         eval={"every_steps": 2})
+    result = train(recipe, output_dir=str(tmp_path / "run"))
+    events = [json.loads(line) for line in
+              (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    phases = {e["step"]: e.get("phase") for e in events if e["event"] == "eval"}
+    assert set(phases) == {0, 2, 4, 6}
+    assert phases[0] == phases[2] == "steps 0-3" and phases[4] == phases[6] == "steps 3-6"

@@ -30,6 +30,7 @@ ALL = sorted(p.relative_to(RECIPES).as_posix() for p in RECIPES.rglob("*.yaml")
 LOCAL = {
     "quickstart/base.yaml": ["train.tokens=100k", "data.holdout.tokens=2k"],
     "scratch-tiny.yaml": ["train.tokens=100k", "data.holdout.tokens=2k"],
+    "experiments/one-flow/base.yaml": ["train.tokens=100k", "data.holdout.tokens=2k"],
 }
 # Continue a cpt run that must be trained first: the quickstart pair is planned against a
 # tiny stand-in of quickstart-base (test_quickstart_stage_two_inherits_the_base_lineage).
@@ -38,6 +39,12 @@ NEEDS_A_PARENT_RUN = {
     "quickstart/finetune.yaml": "runs/quickstart-base/final",
     "three-stage/stage2.yaml": "runs/three-stage-1-science/final",
     "three-stage/stage3.yaml": "runs/three-stage-2-code/final",
+    # The one-flow experiment (experiments/one_flow.py): every arm starts from its base.
+    **{f"experiments/one-flow/{arm}.yaml": "runs/one-flow-base/final"
+       for arm in ("staged-ft-code", "staged-replay-code", "flow-constant", "flow-scheduled",
+                   "flow-anneal")},
+    "experiments/one-flow/staged-ft-qa.yaml": "runs/one-flow-staged-ft-code/final",
+    "experiments/one-flow/staged-replay-qa.yaml": "runs/one-flow-staged-replay-code/final",
 }
 # The model (and replay data) come from the Hub.
 NEEDS_THE_HUB = {

@@ -414,3 +414,45 @@ def _local_indices(order: np.ndarray, sources: int) -> np.ndarray:
         mask = order == k
         local[mask] = np.arange(int(mask.sum()), dtype=np.int64)
     return local
+
+
+def phase_starts(plan: MixturePlan) -> list[int]:
+    """The steps at which the mix enters a new phase: every point of every schedule inside the
+    run, and every revision (the mix may change there too); [0] for a constant plan."""
+    g = max(1, plan.global_batch)
+    steps = plan.total_sequences // g
+    cuts = {0}
+    if plan.schedule is not None:
+        for value in [*plan.schedule.weights, plan.schedule.ratio]:
+            cuts.update(p for p, _ in value.points if 0 < p < steps)
+    cuts.update(r["step"] for r in plan.revisions if 0 < r["step"] < steps)
+    return sorted(cuts)
+
+
+def phase_at(plan: MixturePlan, step: int) -> str | None:
+    """The mixture phase of an evaluation after `step` optimizer steps, as `steps A-B` (the phase
+    that trained step `step`, the first one at step 0); None for a constant mix, which has one.
+
+    A phase runs from one schedule point (or revision) to the next, the stretches `cpt mix
+    inspect` reports (without its 10% slices of a ramp: a ramp is one phase). An evaluation at a
+    switch's step has seen none of the new mix, so it belongs to the phase before."""
+    if plan.schedule is None and not plan.revisions:
+        return None
+    steps = plan.total_sequences // max(1, plan.global_batch)
+    starts = phase_starts(plan)
+    trained = min(max(step - 1, 0), steps - 1)  # the optimizer step just done, 0-based
+    i = int(np.searchsorted(starts, trained, side="right")) - 1
+    end = starts[i + 1] if i + 1 < len(starts) else steps
+    return phase_name(starts[i], end)
+
+
+def phase_name(start: int, end: int) -> str:
+    return f"steps {start}-{end}"
+
+
+def phase_span(name: str) -> tuple[int, int] | None:
+    """(start, end) of a name made by phase_name; None for anything else (a foreign value)."""
+    parts = name.removeprefix("steps ").split("-") if isinstance(name, str) else []
+    if len(parts) != 2 or not name.startswith("steps ") or not all(p.isdigit() for p in parts):
+        return None
+    return int(parts[0]), int(parts[1])

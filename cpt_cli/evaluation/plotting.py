@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cpt_cli.data.mixture import phase_span
 from cpt_cli.errors import UsageError
 from cpt_cli.runs.events import read_events
 
@@ -35,7 +36,20 @@ def read_curves(path: Path, report: dict[str, Any]) -> dict[str, list[tuple[int,
     return curves
 
 
-def draw_curves(curves: dict[str, list[tuple[int, float]]], roles: dict[str, str]) -> Any:
+def phase_boundaries(path: Path) -> list[int]:
+    """Steps where a scheduled run's mix entered a new phase, from the `phase` of its eval events
+    (metrics.jsonl): the start of each phase after the first that an evaluation saw."""
+    run_dir = path if (path / "metrics.jsonl").is_file() else path.parent
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return []
+    phases = [e.get("phase") for e in read_events(metrics) if e.get("event") == "eval"]
+    spans = [phase_span(p) for p in dict.fromkeys(p for p in phases if p)]
+    return sorted({span[0] for span in spans if span is not None and span[0] > 0})
+
+
+def draw_curves(curves: dict[str, list[tuple[int, float]]], roles: dict[str, str],
+                boundaries: list[int] | tuple[int, ...] = ()) -> Any:
     """The figure: one line per domain, target solid, retained dashed. The legend stands to the
     right of the axes, outside them: inside, wherever "best" put it, it covered some curve (the
     target's, falling from the upper left, in the quickstart's runs)."""
@@ -50,6 +64,8 @@ def draw_curves(curves: dict[str, list[tuple[int, float]]], roles: dict[str, str
         style = "-" if roles.get(name) == "target" else "--"
         ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", markersize=3,
                 label=f"{name} ({roles.get(name, '?')})")
+    for step in boundaries:  # a mixture schedule's phases (docs/evaluation.md)
+        ax.axvline(step, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("step")
     ax.set_ylabel("bits per byte (held out)")
     ax.set_title("per-domain bits per byte: target (solid) vs retained (dashed)")
@@ -63,7 +79,8 @@ def plot_run(path: str | Path, report: dict[str, Any], out: str | Path) -> None:
     if not curves:
         raise UsageError(f"--plot: {path} has no evaluations over steps (pass a run directory "
                          "trained with eval.every_steps or with checkpoints)")
-    fig = draw_curves(curves, {d["name"]: d["role"] for d in report["domains"]})
+    fig = draw_curves(curves, {d["name"]: d["role"] for d in report["domains"]},
+                      phase_boundaries(Path(path)))
     import matplotlib.pyplot as plt  # after draw_curves chose the Agg backend
 
     try:

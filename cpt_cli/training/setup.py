@@ -22,6 +22,7 @@ import torch
 
 from cpt_cli.config import Recipe, save_recipe
 from cpt_cli.data.loader import PackedLoader
+from cpt_cli.data.mixture import phase_at
 from cpt_cli.data.prepare import PreparedData, batch_geometry, prepare_data
 from cpt_cli.data.replan import mix_of, plan_history
 from cpt_cli.errors import UsageError
@@ -125,12 +126,15 @@ class Run:
         # scored_on from the run, not the report: every evaluation of the run says it, whatever
         # built its report.
         answers = self.answers
-        return {"event": "eval", "step": step, "tokens": step * self.tokens_per_step,
-                "domains": {d["name"]: {**{k: d.get(k) for k in ("role", "loss", "bpb",
-                                                                 "delta_bpb")},
-                                        "scored_on": "answers" if d["name"] in answers
-                                        else "text"}
-                            for d in report["domains"]}}
+        event = {"event": "eval", "step": step, "tokens": step * self.tokens_per_step,
+                 "domains": {d["name"]: {**{k: d.get(k) for k in ("role", "loss", "bpb",
+                                                                  "delta_bpb")},
+                                         "scored_on": "answers" if d["name"] in answers
+                                         else "text"}
+                             for d in report["domains"]}}
+        # A scheduled mix's phase (docs/evaluation.md); a constant mix has none.
+        phase = phase_at(self.data.plan, step)
+        return {**event, "phase": phase} if phase else event
 
 
 def set_up(recipe: Recipe, cleanup: contextlib.ExitStack, *, output_dir: str | None,
