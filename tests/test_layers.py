@@ -126,3 +126,28 @@ def test_the_checker_catches_an_upward_import(tmp_path: Path) -> None:
     assert layer_of("cpt_cli.errors") == 0 and layer_of("cpt_cli.cli.train") == len(LAYERS) - 1
     with pytest.raises(AssertionError, match="in no layer"):
         layer_of("cpt_cli.unplaced")
+
+
+MAX_BODY_LINES = 80
+
+
+def _body_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Lines from the first statement after the docstring to the end: a Typer command's
+    signature (its options, one per parameter) and a docstring are not the body."""
+    body = node.body
+    if len(body) > 1 and isinstance(body[0], ast.Expr) and \
+            isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+        body = body[1:]
+    return node.end_lineno - body[0].lineno + 1  # type: ignore[operator]
+
+
+def test_no_function_body_is_longer_than_a_screen() -> None:
+    """The training loop's step body and every other function read on one screen
+    (docs/architecture.md); a longer one is split into named parts."""
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and \
+                    _body_lines(node) > MAX_BODY_LINES:
+                long.append(f"{module_name(path)}.{node.name}: {_body_lines(node)} lines")
+    assert not long, f"functions over {MAX_BODY_LINES} lines:\n" + "\n".join(long)

@@ -182,6 +182,55 @@ def lineage_domains(model_dir: Path) -> tuple[list[DomainText], dict[str, Any]]:
     return domains, manifest
 
 
+def _targets(path: Path) -> list[EvalTarget]:
+    """The models to score: a model folder, or a run directory's checkpoints then final/."""
+    if (path / "config.json").is_file():
+        return [EvalTarget(path, None)]
+    if not ((path / CHECKPOINTS).is_dir() or (path / "final").is_dir()):
+        raise UsageError(f"{path} is neither a model folder (config.json) nor a cpt run "
+                         "directory (checkpoints/, final/)")
+    targets = [EvalTarget(p, int(p.name.split("-")[1])) for p in complete_checkpoints(path)]
+    if (path / "final").is_dir():
+        targets.append(EvalTarget(path / "final", None))
+    if not targets:
+        raise UsageError(f"{path} is a run directory without checkpoints or final/")
+    return targets
+
+
+def _domains(last: Path, data: dict[str, str] | None
+             ) -> tuple[list[DomainText], dict[str, Any] | None]:
+    """The held-out texts: `--data` files (a domain the run trained on is its target), else
+    every domain of the model's lineage; with the model's manifest when it has one."""
+    if not data:
+        return lineage_domains(last)
+    domains = [DomainText(n, "retained", read_text_file(n, f, _chat_renderer(last)))
+               for n, f in data.items()]
+    manifest = read_manifest(last / MANIFEST) if (last / MANIFEST).is_file() else None
+    if manifest and manifest.get("stages"):
+        new = {s["name"] for s in manifest["stages"][-1]["sources"] if s["role"] == "new"}
+        for d in domains:
+            d.role = "target" if d.name in new else "retained"
+    return domains, manifest
+
+
+def _add_peak(report: dict[str, Any], curve: list[dict[str, Any]],
+              run_peak: float | None) -> None:
+    """The worst retained forgetting over the models scored and training's own evaluations."""
+    peak = run_peak
+    for point in curve:
+        for d in point["domains"].values():
+            if d["role"] == "retained" and d["delta_bpb"] is not None:
+                peak = d["delta_bpb"] if peak is None else max(peak, d["delta_bpb"])
+    if peak is None:
+        return
+    worst = report["summary"]["max_forgetting_bpb"]
+    report["summary"]["peak_forgetting_bpb"] = max(peak, worst) if worst is not None else peak
+    # What the peak was seen in: the verdict says "during training" only of training's own
+    # evaluations, never of a model scored now on --data or against --base.
+    report["summary"]["peak_forgetting_from"] = "training" if run_peak is not None \
+        else "checkpoints" if len(curve) > 1 else "model"
+
+
 def evaluate(path: str | Path, *, data: dict[str, str] | None = None, base: str | None = None,
              batch_tokens: int = 4096, bootstrap_samples: int = 1000,
              device: str | None = None, lm_eval_tasks: list[str] | None = None,
@@ -202,31 +251,9 @@ def evaluate(path: str | Path, *, data: dict[str, str] | None = None, base: str 
     # On GPU score in bf16 autocast over fp32 weights; log-softmax is taken in fp32 either way.
     autocast = torch.bfloat16 if dev.type == "cuda" else None
 
-    targets: list[EvalTarget]
-    if (path / "config.json").is_file():
-        targets = [EvalTarget(path, None)]
-    elif (path / CHECKPOINTS).is_dir() or (path / "final").is_dir():
-        targets = [EvalTarget(p, int(p.name.split("-")[1])) for p in complete_checkpoints(path)]
-        if (path / "final").is_dir():
-            targets.append(EvalTarget(path / "final", None))
-        if not targets:
-            raise UsageError(f"{path} is a run directory without checkpoints or final/")
-    else:
-        raise UsageError(f"{path} is neither a model folder (config.json) nor a cpt run "
-                         "directory (checkpoints/, final/)")
-
+    targets = _targets(path)
     last = targets[-1].model_dir
-    if data:
-        domains = [DomainText(n, "retained", read_text_file(n, f, _chat_renderer(last)))
-                   for n, f in data.items()]
-        manifest = read_manifest(last / MANIFEST) if (last / MANIFEST).is_file() \
-            else None
-        if manifest and manifest.get("stages"):
-            new = {s["name"] for s in manifest["stages"][-1]["sources"] if s["role"] == "new"}
-            for d in domains:
-                d.role = "target" if d.name in new else "retained"
-    else:
-        domains, manifest = lineage_domains(last)
+    domains, manifest = _domains(last, data)
     roles = {d.name: d.role for d in domains}
 
     window = eval_window(last, manifest, max_length, stride)
@@ -247,23 +274,9 @@ def evaluate(path: str | Path, *, data: dict[str, str] | None = None, base: str 
         curve.append({"step": target.step, "model": str(target.model_dir),
                       "domains": {d["name"]: {"bpb": d["bpb"], "delta_bpb": d.get("delta_bpb"),
                                               "role": d["role"]} for d in report["domains"]}})
-    peak = None
-    for point in curve:
-        for d in point["domains"].values():
-            if d["role"] == "retained" and d["delta_bpb"] is not None:
-                peak = d["delta_bpb"] if peak is None else max(peak, d["delta_bpb"])
     # The peak the evaluations during training saw, on the same held-out sets and start model
     # (not comparable with --data or --base figures).
-    run_peak = _training_peak(last) if not data and base is None else None
-    if run_peak is not None:
-        peak = run_peak if peak is None else max(peak, run_peak)
-    if peak is not None:
-        worst = report["summary"]["max_forgetting_bpb"]
-        report["summary"]["peak_forgetting_bpb"] = max(peak, worst) if worst is not None else peak
-        # What the peak was seen in: the verdict says "during training" only of training's own
-        # evaluations, never of a model scored now on --data or against --base.
-        report["summary"]["peak_forgetting_from"] = "training" if run_peak is not None \
-            else "checkpoints" if len(curve) > 1 else "model"
+    _add_peak(report, curve, _training_peak(last) if not data and base is None else None)
     report["model"] = str(last)
     report["window"] = {"max_length": window[0], "stride": window[1]}
     report["start"] = base or (manifest["stages"][-1]["start_model"] if manifest else None)
