@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := true
 export CPT_CACHE ?= $(CURDIR)/.cpt_cache
 
-.PHONY: setup demo experiment test test-fast lint bench docs clean
+.PHONY: setup demo experiment experiment-replay test test-fast lint bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,11 @@ bench: setup
 	$(BIN)/python bench/loader.py
 	$(BIN)/python bench/cpu_train.py
 	$(BIN)/python bench/eval_speed.py
+
+# Closed-loop replay against fixed ratios on the quickstart corpus (docs/experiments/auto-replay.md):
+# the base model once, then five cpt stages from it; runs/experiment-replay/results.md.
+experiment-replay: $(VENV)/.runtime
+	$(BIN)/python experiments/auto_replay.py
 
 docs: $(VENV)/.runtime
 	$(BIN)/python -m cpt_cli.docgen

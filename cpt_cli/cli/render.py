@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from cpt_cli.evaluation.report import verdict
+from cpt_cli.evaluation.report import replay_budget_line, verdict
 
 
 def _num(x: Any, fmt: str = ".4f") -> str:
@@ -99,6 +99,10 @@ def forgetting(report: dict[str, Any], console: Console, title: str | None = Non
                           _num(row["delta"], "+.4f"))
         console.print(tasks)
     console.print(verdict(report), highlight=False)
+    budget = replay_budget_line(report)
+    if budget is not None:
+        console.print(budget, style="green" if report["summary"]["replay_budget_held"]
+                      else "red", highlight=False)
 
 
 def plan(result: dict[str, Any], console: Console, name: str) -> None:

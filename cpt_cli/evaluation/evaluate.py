@@ -33,6 +33,7 @@ from cpt_cli.errors import UsageError
 from cpt_cli.evaluation.report import (
     DomainText,
     forgetting_table,
+    judge_replay_budget,
     load_scores,
     save_scores,
     score_domains,
@@ -277,6 +278,9 @@ def evaluate(path: str | Path, *, data: dict[str, str] | None = None, base: str 
     # The peak the evaluations during training saw, on the same held-out sets and start model
     # (not comparable with --data or --base figures).
     _add_peak(report, curve, _training_peak(last) if not data and base is None else None)
+    if not data and base is None and manifest and manifest.get("stages"):
+        control = manifest["stages"][-1].get("replay_control")
+        judge_replay_budget(report, control["budget_bpb"] if control else None)
     report["model"] = str(last)
     report["window"] = {"max_length": window[0], "stride": window[1]}
     report["start"] = base or (manifest["stages"][-1]["start_model"] if manifest else None)

@@ -1,4 +1,5 @@
-"""`cpt eval RUN --plot FILE.png`: per-domain bits per byte over training steps."""
+"""`cpt eval RUN --plot FILE.png`: per-domain bits per byte over training steps, and under
+`data.replay.ratio: auto` the replay share the controller chose, on the same steps below."""
 
 from __future__ import annotations
 
@@ -48,17 +49,50 @@ def phase_boundaries(path: Path) -> list[int]:
     return sorted({span[0] for span in spans if span is not None and span[0] > 0})
 
 
+def read_replay(path: Path) -> list[tuple[int, float]]:
+    """The replay share over the run, from its `replay` events: (step, share) from each
+    decision on, the first point the share the run started with. Empty for a fixed ratio."""
+    run_dir = path if (path / "metrics.jsonl").is_file() else path.parent
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return []
+    events = [e for e in read_events(metrics) if e.get("event") == "replay"]
+    if not events:
+        return []
+    points = [(0, float(events[0].get("previous_share", events[0]["share"])))]
+    points += [(int(e["step"]), float(e["share"])) for e in events]
+    return points
+
+
 def draw_curves(curves: dict[str, list[tuple[int, float]]], roles: dict[str, str],
-                boundaries: list[int] | tuple[int, ...] = ()) -> Any:
-    """The figure: one line per domain, target solid, retained dashed. The legend stands to the
-    right of the axes, outside them: inside, wherever "best" put it, it covered some curve (the
-    target's, falling from the upper left, in the quickstart's runs)."""
+                replay: list[tuple[int, float]] | None = None,
+                budget: float | None = None, boundaries: list[int] | tuple[int, ...] = ()) -> Any:
+    """The figure: one line per domain, target solid, retained dashed; under ratio: auto a
+    second panel below with the replay share, a step line (a share holds until the next
+    decision), on the same steps. The legend stands to the right of the axes, outside them:
+    inside, wherever "best" put it, it covered some curve (the target's, falling from the upper
+    left, in the quickstart's runs)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4.5), layout="constrained")
+    if replay:
+        fig, (ax, share_ax) = plt.subplots(
+            2, 1, figsize=(9, 6), sharex=True, height_ratios=(3, 1), layout="constrained")
+        last = max(p[0] for points in curves.values() for p in points)
+        steps = [p[0] for p in replay] + [max(last, replay[-1][0])]
+        shares = [p[1] for p in replay] + [replay[-1][1]]
+        share_ax.step(steps, shares, where="post", color="black", label="replay share")
+        share_ax.set_ylabel("replay share")
+        share_ax.set_ylim(0, max(shares) * 1.15 + 0.01)
+        share_ax.grid(alpha=0.3)
+        share_ax.set_xlabel("step")
+        title = "replay share set by ratio: auto"
+        share_ax.set_title(title + (f" (budget {budget:.4f} bpb)" if budget else ""),
+                           fontsize="medium")
+    else:
+        fig, ax = plt.subplots(figsize=(9, 4.5), layout="constrained")
     for name, points in curves.items():
         points = sorted(dict(points).items())
         style = "-" if roles.get(name) == "target" else "--"
@@ -66,7 +100,8 @@ def draw_curves(curves: dict[str, list[tuple[int, float]]], roles: dict[str, str
                 label=f"{name} ({roles.get(name, '?')})")
     for step in boundaries:  # a mixture schedule's phases (docs/evaluation.md)
         ax.axvline(step, color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel("step")
+    if not replay:
+        ax.set_xlabel("step")
     ax.set_ylabel("bits per byte (held out)")
     ax.set_title("per-domain bits per byte: target (solid) vs retained (dashed)")
     ax.grid(alpha=0.3)
@@ -80,6 +115,7 @@ def plot_run(path: str | Path, report: dict[str, Any], out: str | Path) -> None:
         raise UsageError(f"--plot: {path} has no evaluations over steps (pass a run directory "
                          "trained with eval.every_steps or with checkpoints)")
     fig = draw_curves(curves, {d["name"]: d["role"] for d in report["domains"]},
+                      read_replay(Path(path)), report["summary"].get("replay_budget_bpb"),
                       phase_boundaries(Path(path)))
     import matplotlib.pyplot as plt  # after draw_curves chose the Agg backend
 

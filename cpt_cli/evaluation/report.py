@@ -148,6 +148,34 @@ def forgetting_table(now: dict[str, DocumentScores], start: dict[str, DocumentSc
     return {"domains": domains, "summary": summary}
 
 
+def judge_replay_budget(report: dict[str, Any], budget: float | None) -> None:
+    """Under data.replay.ratio: auto, whether the budget held: the final point estimate of every
+    retained domain's delta_bpb at most `budget` (docs/replay-control.md; the peak during
+    training may pass it for an interval). Adds `replay_budget_bpb` and `replay_budget_held`
+    (None without a retained figure) to the summary."""
+    if budget is None:
+        return
+    worst = report["summary"]["max_forgetting_bpb"]
+    report["summary"].update(replay_budget_bpb=budget,
+                             replay_budget_held=None if worst is None else worst <= budget)
+
+
+def replay_budget_line(report: dict[str, Any]) -> str | None:
+    """The final table's line on closed-loop replay's budget, or None for a fixed ratio."""
+    s = report["summary"]
+    budget = s.get("replay_budget_bpb")
+    if budget is None:
+        return None
+    if s.get("replay_budget_held") is None:
+        return f"replay budget {budget:.4f} bpb (ratio: auto): no retained domain to judge it"
+    worst = f"worst retained {s['worst_forgetting_domain']} {s['max_forgetting_bpb']:+.4f}"
+    peak = s.get("peak_forgetting_bpb")
+    during = f", peak during training {peak:+.4f}" \
+        if peak is not None and s.get("peak_forgetting_from") == "training" else ""
+    verdict_word = "held" if s["replay_budget_held"] else "EXCEEDED"
+    return f"replay budget {budget:.4f} bpb (ratio: auto) {verdict_word}: {worst}{during}"
+
+
 def verdict(report: dict[str, Any]) -> str:
     """One line under the table. The peak is named for what it was seen in: "during training"
     only when training-time evaluations are part of it; a peak of the one model evaluated is

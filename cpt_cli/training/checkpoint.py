@@ -23,6 +23,7 @@ from cpt_cli.config.resume import changes as recipe_changes
 from cpt_cli.config.resume import refusal
 from cpt_cli.data.prepare import PreparedData
 from cpt_cli.data.replan import mix_of, plan_history, revise
+from cpt_cli.data.replay_control import ControllerState
 from cpt_cli.errors import UsageError
 from cpt_cli.runs.atomic import fsync_tree, publish, rotate
 from cpt_cli.runs.layout import CHECKPOINTS
@@ -50,6 +51,9 @@ class RunState:
     step: int = 0
     bad_steps: int = 0
     peak_forgetting: float | None = None
+    # Closed-loop replay's controller after its last decision (None: not an auto run, or no
+    # decision yet): a resumed run continues from it, so it decides as the straight run did.
+    replay_control: ControllerState | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -113,7 +117,9 @@ class Checkpointer:
                     "num_processes": accelerator.num_processes, "keep": keep_forever,
                     # What a resume compares the recipe with, and the plan it rebuilds.
                     "recipe": to_plain(self.recipe), "plan_history": data.plan_history,
-                    "revisions": data.revisions})
+                    "revisions": data.revisions,
+                    "replay_control": state.replay_control.as_dict()
+                    if state.replay_control is not None else None})
                 fsync_tree(tmp)
                 publish(tmp, target)
                 rotate(self.root, self.recipe.train.checkpoint.keep)
@@ -179,8 +185,10 @@ class Checkpointer:
         rng = path / f"rng-{accelerator.process_index}.pt"
         if rng.exists():
             set_rng_state(load_state(rng))
+        control = meta.get("replay_control")
         return RunState(step=meta["step"], bad_steps=meta["bad_steps"],
-                        peak_forgetting=meta["peak_forgetting"])
+                        peak_forgetting=meta["peak_forgetting"],
+                        replay_control=ControllerState.from_dict(control) if control else None)
 
 
 def rng_state() -> dict[str, Any]:
@@ -376,8 +384,20 @@ def manifest(recipe: Recipe, data: PreparedData, step: int, accelerator: Any) ->
                    "sources": stage_sources,
                    "environment": environment(accelerator.num_processes,
                                               accelerator.device.type),
+                   # Only under data.replay.ratio: auto: the budget and every decision so far.
+                   **({"replay_control": replay_record(recipe, data)}
+                      if recipe.data.replay.is_auto else {}),
                    # Only when a resume changed the recipe: what changed, from which step.
                    **({"revisions": data.revisions} if data.revisions else {}),
                    **({"plan_revisions": data.plan.revisions} if data.plan.revisions else {})})
     return {"format": FORMAT, "name": recipe.name, "stages": stages, "sources": sources,
             "tokenizer_fingerprint": data.tokenizer_fp}
+
+
+def replay_record(recipe: Recipe, data: PreparedData) -> dict[str, Any]:
+    """The manifest's account of closed-loop replay: its settings and each decision (the
+    `replay` events of metrics.jsonl, as the plan applied them)."""
+    replay = recipe.data.replay
+    return {"budget_bpb": replay.max_forgetting_bpb, "min": replay.min, "max": replay.max,
+            "start": replay.start,
+            "decisions": [h["decision"] for h in data.plan_history if "decision" in h]}

@@ -111,10 +111,11 @@ class TrainDisplay:
         if self.live:
             self.progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                console=self.console, transient=False)
+                TextColumn("{task.fields[info]}"), TextColumn("{task.fields[replay]}"),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
+                transient=False)
             self.task = self.progress.add_task("train", total=steps, completed=start_step,
-                                               info="")
+                                               info="", replay="")
             self.progress.start()
 
     def train_line(self, event: dict[str, Any]) -> None:
@@ -150,6 +151,25 @@ class TrainDisplay:
             parts.append(f"{name} {d['bpb']:.4f}" + (f" ({delta:+.4f})" if delta is not None
                                                      else ""))
         line = f"eval step {event['step']}: bpb " + ", ".join(parts)
+        if self.progress is not None:
+            self.progress.console.print(line, highlight=False)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def replay_line(self, event: dict[str, Any]) -> None:
+        """A `replay` decision (ratio: auto): the share from this step and the worst retained
+        domain against the budget; on a terminal the bar keeps both until the next one."""
+        if not self.enabled:
+            return
+        share = f"replay {event['share']:.1%}"
+        worst = event.get("worst_forgetting_bpb")
+        against = "no retained figure" if worst is None else (
+            f"worst {event['worst_domain']} {worst:+.4f} of budget {event['budget_bpb']:.4f} bpb")
+        held = f" ({event['limited']} limit)" if event.get("limited") else ""
+        if self.progress is not None:
+            self.progress.update(self.task, replay=f"{share}  {against}")
+        line = (f"replay step {event['step']}: share {event.get('previous_share', 0):.1%} -> "
+                f"{event['share']:.1%}{held}; {against}")
         if self.progress is not None:
             self.progress.console.print(line, highlight=False)
         else:

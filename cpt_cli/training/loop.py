@@ -24,12 +24,17 @@ import torch
 
 from cpt_cli.config import Recipe
 from cpt_cli.errors import TrainingStopped
-from cpt_cli.evaluation.report import forgetting_table, save_scores
+from cpt_cli.evaluation.report import (
+    forgetting_table,
+    judge_replay_budget,
+    save_scores,
+)
 from cpt_cli.runs.layout import CHECKPOINTS, complete_checkpoints
 from cpt_cli.runs.lineage import write_json
 from cpt_cli.training.backend import end
 from cpt_cli.training.checkpoint import start_name
 from cpt_cli.training.collective import write_together
+from cpt_cli.training.replay import decision_missed, steer_replay
 from cpt_cli.training.setup import Run, set_up
 from cpt_cli.training.signals import Signals, StopNow
 from cpt_cli.training.step import StepResult, train_step
@@ -91,6 +96,9 @@ def _run_steps(run: Run, signals: Signals) -> TrainingStopped | None:
                             start_step=state.step)
     signals.defer()  # from here a signal stops the run after the current step, with a checkpoint
     run.model.train()
+    stopped = _evaluate_missed(run, signals)
+    if stopped is not None:
+        return stopped
     for step, micro_batches in run.loader.iter_steps(state.step):
         result = train_step(run, step, micro_batches, signals)
         state.step = step + 1
@@ -161,7 +169,8 @@ def _log(run: Run, result: StepResult, throughput: Throughput, cuda: bool) -> No
 
 def _evaluate_if_due(run: Run, stop_requested: bool) -> tuple[str, float] | None:
     """Every eval.every_steps (but not at the last step, which final/ evaluates, nor when the
-    run is about to stop): the forgetting report as an event; the peak forgetting so far; and
+    run is about to stop): the forgetting report as an event; the peak forgetting so far; under
+    ratio: auto the replay decision, applied from this step (before its checkpoint); and
     (domain, forgetting) when a retained domain is over eval.max_forgetting_bpb."""
     state, every = run.state, run.recipe.eval.every_steps
     if not every or state.step % every != 0 or state.step == run.steps or stop_requested:
@@ -173,10 +182,21 @@ def _evaluate_if_due(run: Run, stop_requested: bool) -> tuple[str, float] | None
     worst = report["summary"]["max_forgetting_bpb"]
     if worst is not None:
         state.peak_forgetting = max(worst, state.peak_forgetting or worst)
+    steer_replay(run, report)
     budget = run.recipe.eval.max_forgetting_bpb
     if budget is not None and worst is not None and worst > budget:
         return report["summary"]["worst_forgetting_domain"], worst
     return None
+
+
+def _evaluate_missed(run: Run, signals: Signals) -> TrainingStopped | None:
+    """An auto run resumed at a step whose evaluation its stop skipped (a signal during the
+    step before): that evaluation and its decision now, before the next step, as the straight
+    run made them; the stop if it finds a domain over eval.max_forgetting_bpb. Done again, it
+    decides the same (deterministic), so the checkpoint need not be rewritten."""
+    if not decision_missed(run):
+        return None
+    return _stop(run, _evaluate_if_due(run, False), False, signals)
 
 
 def _stop(run: Run, over_budget: tuple[str, float] | None, stop_requested: bool,
@@ -208,6 +228,7 @@ def _finish(run: Run) -> TrainResult:
                               bootstrap_samples=run.recipe.eval.bootstrap_samples,
                               peak_forgetting=state.peak_forgetting, answers=run.answers)
     report.update(model=str(final_dir), start=start_name(run.recipe))
+    judge_replay_budget(report, run.recipe.data.replay.max_forgetting_bpb)
     if main:
         run.emit(run.eval_event(report, state.step))
 
