@@ -109,3 +109,35 @@ def test_a_changed_mixture_needs_replan_and_then_keeps_the_past(
     assert stage["plan_revisions"][0]["step"] == 6
     assert stage["revisions"][0]["changes"][0]["key"] == "data.sources.code.weight"
     assert [e for e in read_metrics(run_dir) if e["event"] == "revision"][0]["step"] == 6
+
+
+def test_a_ramped_run_stopped_and_resumed_is_bit_identical(tmp_path: Path) -> None:
+    """A mixture schedule (a ramp between two points) survives a stop and a resume: the same
+    weights, optimizer state and curve as a run trained straight through."""
+    import os
+    import signal
+
+    from test_resume import _assert_same_run
+
+    from cpt_cli.errors import TrainingStopped
+
+    paths = write_sources(tmp_path / "data")
+    sources = [{"name": "prose", "path": paths["prose"], "weight": {"0%": 0.9, "100%": 0.2}},
+               {"name": "code", "path": paths["code"], "weight": {"0%": 0.1, "100%": 0.8}}]
+    recipe = _recipe(tmp_path, paths, data={"sources": sources})
+    straight_run = train(recipe, output_dir=str(tmp_path / "straight"))
+
+    def interrupt(event: dict[str, Any]) -> None:
+        if event["event"] == "train" and event["step"] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    run_dir = tmp_path / "stopped"
+    with pytest.raises(TrainingStopped):
+        train(recipe, output_dir=str(run_dir), on_event=interrupt)
+    train(recipe, output_dir=str(run_dir), resume="auto")
+    _assert_same_run(straight_run.run_dir, run_dir)
+    manifest = json.loads((run_dir / "final" / "manifest.json").read_text())
+    trained = {s["name"]: s["sequences_trained"] for s in manifest["stages"][-1]["sources"]}
+    assert trained["code"] > 0 and trained["prose"] > 0
+    weights = {s["name"]: s["weight"] for s in manifest["stages"][-1]["sources"]}
+    assert weights["code"] == {"0%": 0.1, "100%": 0.8}  # the run was scheduled
