@@ -542,6 +542,8 @@ def test_signal_before_training_stops_without_writing(run: dict[str, Any],
     from cpt_cli.training import setup
 
     original = setup.prepare_data
+    # What SIGINT did before (Python's default_int_handler; SIG_IGN under a shell's `&`).
+    before = signal.getsignal(signal.SIGINT)
 
     def interrupted(*args: Any, **kwargs: Any) -> Any:
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the data is being prepared
@@ -553,4 +555,4 @@ def test_signal_before_training_stops_without_writing(run: dict[str, Any],
         train(tiny_recipe(run["tmp"], "early", run["sources"]), output_dir=str(run_dir))
     assert stop.value.exit_code == 130
     assert not run_dir.exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored

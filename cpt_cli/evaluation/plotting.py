@@ -115,7 +115,7 @@ def plot_run(path: str | Path, report: dict[str, Any], out: str | Path) -> None:
         raise UsageError(f"--plot: {path} has no evaluations over steps (pass a run directory "
                          "trained with eval.every_steps or with checkpoints)")
     fig = draw_curves(curves, {d["name"]: d["role"] for d in report["domains"]},
-                      read_replay(Path(path)), report["summary"].get("replay_budget_bpb"),
+                      read_replay(Path(path)), report.get("summary", {}).get("replay_budget_bpb"),
                       phase_boundaries(Path(path)))
     import matplotlib.pyplot as plt  # after draw_curves chose the Agg backend
 
