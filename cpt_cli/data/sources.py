@@ -69,15 +69,20 @@ def expand_paths(source: SourceConfig, base_dir: str | Path) -> list[Path]:
     patterns = [source.path] if isinstance(source.path, str) else list(source.path or [])
     files: list[Path] = []
     for pattern in patterns:
-        expanded = os.path.expanduser(pattern)
-        full = expanded if os.path.isabs(expanded) else os.path.join(str(base_dir), expanded)
-        matches = match_files(full)
-        if not matches:
-            raise DataError(f"source {source.name!r}: path {pattern!r} matches no file "
-                            f"(looked for {full}). Check the glob; relative paths start at the "
-                            "recipe's folder.")
-        files.extend(matches)
+        files.extend(_recipe_glob(source.name, "path", pattern, base_dir))
     return sorted(set(files))
+
+
+def _recipe_glob(name: str, key: str, pattern: str, base_dir: str | Path) -> list[Path]:
+    """The files a recipe's glob matches, relative to the recipe's folder; a DataError naming
+    the source, the key and where it looked when none does."""
+    expanded = os.path.expanduser(pattern)
+    full = expanded if os.path.isabs(expanded) else os.path.join(str(base_dir), expanded)
+    matches = match_files(full)
+    if not matches:
+        raise DataError(f"source {name!r}: {key} {pattern!r} matches no file (looked for "
+                        f"{full}). Check the glob; relative paths start at the recipe's folder.")
+    return matches
 
 
 def match_files(pattern: str) -> list[Path]:
@@ -276,14 +281,8 @@ def builder_data_files(source: SourceConfig, base_dir: str | Path) -> list[str] 
         if "://" in pattern:  # hf://, https://: read by datasets, fingerprinted by the spec
             files.append(pattern)
             continue
-        expanded = os.path.expanduser(pattern)
-        full = expanded if os.path.isabs(expanded) else os.path.join(str(base_dir), expanded)
-        matches = match_files(full)
-        if not matches:
-            raise DataError(f"source {source.name!r}: hf.data_files {pattern!r} matches no file "
-                            f"(looked for {full}). Check the glob; relative paths start at the "
-                            "recipe's folder.")
-        files.extend(str(m) for m in matches)
+        files.extend(str(m) for m in _recipe_glob(source.name, "hf.data_files", pattern,
+                                                  base_dir))
     return sorted(set(files))
 
 
