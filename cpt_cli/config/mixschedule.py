@@ -57,6 +57,14 @@ class RunGeometry:
     warmup_steps: int
     decay_start: int         # first step of the wsd cooldown (steps when there is none)
 
+    @staticmethod
+    def of(recipe: Any, steps: int, global_batch: int) -> RunGeometry:
+        """A run of `steps` steps of `global_batch` sequences under the recipe's LR schedule."""
+        s = recipe.train.schedule
+        return RunGeometry(steps=steps, global_batch=global_batch, seq_len=recipe.data.seq_len,
+                           lr_schedule=s.name, warmup_steps=s.warmup_steps(steps),
+                           decay_start=s.decay_start(steps))
+
     @property
     def tokens(self) -> int:
         return self.steps * self.global_batch * self.seq_len
@@ -185,9 +193,7 @@ def run_geometry(recipe: Any) -> RunGeometry | None:
         return None
     if steps < 1:
         return None
-    s = t.schedule
-    return RunGeometry(steps=steps, global_batch=batch, seq_len=L, lr_schedule=s.name,
-                       warmup_steps=s.warmup_steps(steps), decay_start=s.decay_start(steps))
+    return RunGeometry.of(recipe, steps, batch)
 
 
 def value_at(points: list[tuple[int, float]], interpolate: str, step: float) -> float:

@@ -196,10 +196,7 @@ def build_schedule(recipe: Recipe, sources: list[tuple[str, str, SourceConfig]],
     if not always and not isinstance(ratio, dict) and \
             not any(isinstance(c.weight, dict) for _, _, c in sources):
         return None
-    s = recipe.train.schedule
-    geometry = RunGeometry(steps=steps, global_batch=global_batch, seq_len=recipe.data.seq_len,
-                           lr_schedule=s.name, warmup_steps=s.warmup_steps(steps),
-                           decay_start=s.decay_start(steps))
+    geometry = RunGeometry.of(recipe, steps, global_batch)
     return MixSchedule(weights=[_resolve(c.weight, geometry, c.min_weight) for _, _, c in sources],
                        roles=[role for _, role, _ in sources],
                        ratio=_resolve(ratio, geometry, 0.0), steps=steps,
