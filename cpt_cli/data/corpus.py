@@ -34,6 +34,7 @@ import re
 import sysconfig
 import tempfile
 import zlib
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,11 +288,23 @@ def _qa_pairs(tree: ast.Module, module: str) -> Iterator[tuple[str, str]]:
 
 
 def _docstrings(tree: ast.Module) -> Iterator[str]:
-    for node in ast.walk(tree):
+    for node in _statements(tree):
         if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
             docstring = ast.get_docstring(node)
             if docstring and len(docstring) >= MIN_DOCSTRING_CHARS:
                 yield docstring
+
+
+def _statements(tree: ast.Module) -> Iterator[ast.AST]:
+    """`ast.walk`'s breadth-first order without descending into expressions: a docstring's
+    owner (module, class, function) is never inside one, so the owners come in the same order,
+    at a small fraction of the nodes visited (most of a module's nodes are expressions)."""
+    todo = deque([tree])
+    while todo:
+        node = todo.popleft()
+        todo.extend(child for child in ast.iter_child_nodes(node)
+                    if not isinstance(child, ast.expr))
+        yield node
 
 
 def _topic_texts() -> list[str]:
