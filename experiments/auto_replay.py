@@ -11,9 +11,14 @@ seed and the same evaluations (every EVAL_EVERY steps): replay fixed at 0%, 5%, 
 `ratio: auto` with the budget given. Prints, and writes to DIR/results.json and
 DIR/results.md, each arm's final forgetting per retained domain with its 95% bootstrap interval,
 the peak forgetting the evaluations during training saw, the gain on code with its interval, and
-the wall time; draws the auto arm's curves with its replay share (DIR/auto.png).
+the wall time; draws the auto arm's curves with its replay share (DIR/auto.png); and scores the
+auto arm against the fixed ratio with the largest gain that also kept the budget, on the same
+documents (a paired interval on their difference, narrower than two intervals against the base).
 
 `--reuse` keeps the base model and the arms already trained in DIR (to redo only the table).
+`--seed N` trains the arms with another seed (their data order; the base and the held-out
+documents, chosen by content hash, stay the same), into DIR/ARM-sN, writing results-sN.json,
+results-sN.md and auto-sN.png.
 `--quick` runs the same comparison smaller (QUICK): what fits a 2-core machine that others share.
 """
 
@@ -129,6 +134,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the reduced run (QUICK)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep the base and the arms already trained in --out")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="the arms' seed (default: the recipe's; the base keeps its own)")
     args = parser.parse_args()
     from cpt_cli.data.corpus import build_quickstart_corpus
 
@@ -139,31 +146,66 @@ def main() -> None:
     base, base_s = train_arm(ROOT / "recipes" / "quickstart" / "base.yaml", out / "base",
                              QUICK["base"] if args.quick else [], args.reuse)
     common = [f"model.path={base / 'final'}", f"eval.every_steps={EVAL_EVERY}",
-              "train.checkpoint.every_steps=null", *(QUICK["cpt"] if args.quick else [])]
+              "train.checkpoint.every_steps=null", *(QUICK["cpt"] if args.quick else []),
+              *([f"seed={args.seed}"] if args.seed is not None else [])]
+    suffix = f"-s{args.seed}" if args.seed is not None else ""
     arms: dict[str, list[str]] = {f"fixed {r:.0%}": [f"data.replay.ratio={r}"] for r in FIXED}
     arms[f"auto (budget {args.budget})"] = [
         "data.replay.ratio=auto", f"data.replay.max_forgetting_bpb={args.budget}",
         *(f"data.replay.{k}={v}" for k, v in AUTO.items())]
     results = {}
     for arm, overrides in arms.items():
-        slug = arm.split(" (")[0].replace(" ", "-").replace("%", "")
+        slug = arm.split(" (")[0].replace(" ", "-").replace("%", "") + suffix
         run_dir, seconds = train_arm(ROOT / "recipes" / "quickstart" / "cpt.yaml", out / slug,
                                      [*common, *overrides], args.reuse)
         results[arm] = summarize(run_dir, seconds)
     auto_arm = results[list(arms)[-1]]
-    _plot(Path(auto_arm["run_dir"]), out / "auto.png")
+    _plot(Path(auto_arm["run_dir"]), out / f"auto{suffix}.png")
     text = table(results, args.budget)
+    paired = _paired(results, args.budget)
+    if paired:
+        text += "\n\n" + paired["text"]
     machine = (f"{platform.node()}: {os.cpu_count()} CPUs ({_cpu_model()}), "
                f"{platform.python_version()}, torch {_torch_version()}")
     summary = {"budget": args.budget, "quick": args.quick, "overrides": common, "auto": AUTO,
+               "paired": paired,
                "machine": machine, "date": time.strftime("%Y-%m-%d %H:%M"),
                "base_seconds": round(base_s, 1),
                "total_seconds": round(time.monotonic() - started, 1), "arms": results}
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
-    (out / "results.md").write_text(text + "\n")
+    (out / f"results{suffix}.json").write_text(json.dumps(summary, indent=2))
+    (out / f"results{suffix}.md").write_text(text + "\n")
     print(text)
     print(f"auto shares (step, share): {auto_arm['shares']}")
     print(f"{machine}; total {summary['total_seconds']:.0f} s (base {base_s:.0f} s)")
+
+
+def _paired(results: dict[str, dict[str, Any]], budget: float) -> dict[str, Any] | None:
+    """The auto arm minus the fixed arm with the largest gain among those within the budget,
+    per domain on the same held-out documents (`cpt eval AUTO --base FIXED`); None when no fixed
+    arm kept the budget."""
+    from cpt_cli import evaluate
+
+    *fixed, auto = results
+    kept = [arm for arm in fixed if all(
+        d["delta_bpb"] <= budget for d in results[arm]["domains"].values()
+        if d["role"] == "retained")]
+    if not kept:
+        return None
+
+    def gain(arm: str) -> float:
+        return -sum(d["delta_bpb"] for d in results[arm]["domains"].values()
+                    if d["role"] == "target")
+
+    best = max(kept, key=gain)
+    report = evaluate(Path(results[auto]["run_dir"]) / "final",
+                      base=str(Path(results[best]["run_dir"]) / "final"))
+    domains = {d["name"]: {"delta_bpb": d["delta_bpb"], "ci": [d["ci_low"], d["ci_high"]]}
+               for d in report["domains"]}
+    cells = [f"{n}: {d['delta_bpb']:+.4f} ({d['ci'][0]:+.4f}, {d['ci'][1]:+.4f})"
+             for n, d in domains.items()]
+    text = (f"paired, {auto} minus {best} (the fixed ratio with the largest gain within the "
+            f"budget), same documents; lower is better: " + "; ".join(cells))
+    return {"against": best, "domains": domains, "text": text}
 
 
 def _plot(run_dir: Path, png: Path) -> None:
