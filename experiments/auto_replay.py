@@ -179,24 +179,31 @@ def main() -> None:
     print(f"{machine}; total {summary['total_seconds']:.0f} s (base {base_s:.0f} s)")
 
 
+def best_within_budget(results: dict[str, dict[str, Any]], budget: float) -> str | None:
+    """The fixed arm (every arm but the last, which is auto) with the largest gain on the target
+    domains among those whose every retained domain ends within `budget`; None when none does."""
+    def within(arm: str) -> bool:
+        return all(d["delta_bpb"] <= budget for d in results[arm]["domains"].values()
+                   if d["role"] == "retained")
+
+    def gain(arm: str) -> float:
+        return -sum(d["delta_bpb"] for d in results[arm]["domains"].values()
+                    if d["role"] == "target")
+
+    kept = [arm for arm in list(results)[:-1] if within(arm)]
+    return max(kept, key=gain) if kept else None
+
+
 def _paired(results: dict[str, dict[str, Any]], budget: float) -> dict[str, Any] | None:
     """The auto arm minus the fixed arm with the largest gain among those within the budget,
     per domain on the same held-out documents (`cpt eval AUTO --base FIXED`); None when no fixed
     arm kept the budget."""
     from cpt_cli import evaluate
 
-    *fixed, auto = results
-    kept = [arm for arm in fixed if all(
-        d["delta_bpb"] <= budget for d in results[arm]["domains"].values()
-        if d["role"] == "retained")]
-    if not kept:
+    auto = list(results)[-1]
+    best = best_within_budget(results, budget)
+    if best is None:
         return None
-
-    def gain(arm: str) -> float:
-        return -sum(d["delta_bpb"] for d in results[arm]["domains"].values()
-                    if d["role"] == "target")
-
-    best = max(kept, key=gain)
     report = evaluate(Path(results[auto]["run_dir"]) / "final",
                       base=str(Path(results[best]["run_dir"]) / "final"))
     domains = {d["name"]: {"delta_bpb": d["delta_bpb"], "ci": [d["ci_low"], d["ci_high"]]}
