@@ -120,8 +120,7 @@ def table(results: dict[str, dict[str, Any]], budget: float) -> str:
         cells += [f"{d[n]['peak']:+.4f}" if d[n]["peak"] is not None else "-" for n in retained]
         cells += [f"{-d[n]['delta_bpb']:+.4f} ({-d[n]['ci'][1]:+.4f}, {-d[n]['ci'][0]:+.4f})"
                   for n in target]
-        held = all(d[n]["delta_bpb"] <= budget for n in retained)
-        cells += ["yes" if held else "no", f"{r['seconds']:.0f}"]
+        cells += ["yes" if within_budget(r, budget) else "no", f"{r['seconds']:.0f}"]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -179,18 +178,21 @@ def main() -> None:
     print(f"{machine}; total {summary['total_seconds']:.0f} s (base {base_s:.0f} s)")
 
 
+def within_budget(result: dict[str, Any], budget: float) -> bool:
+    """Whether every retained domain of an arm ends at most `budget` (its final point estimate,
+    the rule `replay_budget_held` applies)."""
+    return all(d["delta_bpb"] <= budget for d in result["domains"].values()
+               if d["role"] == "retained")
+
+
 def best_within_budget(results: dict[str, dict[str, Any]], budget: float) -> str | None:
     """The fixed arm (every arm but the last, which is auto) with the largest gain on the target
-    domains among those whose every retained domain ends within `budget`; None when none does."""
-    def within(arm: str) -> bool:
-        return all(d["delta_bpb"] <= budget for d in results[arm]["domains"].values()
-                   if d["role"] == "retained")
-
+    domains among those within `budget`; None when none is."""
     def gain(arm: str) -> float:
         return -sum(d["delta_bpb"] for d in results[arm]["domains"].values()
                     if d["role"] == "target")
 
-    kept = [arm for arm in list(results)[:-1] if within(arm)]
+    kept = [arm for arm in list(results)[:-1] if within_budget(results[arm], budget)]
     return max(kept, key=gain) if kept else None
 
 
