@@ -12,6 +12,8 @@ import copy
 import json
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,42 @@ def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory, quickstart_corpus: 
     folder = tmp_path_factory.mktemp("tokenizer")
     tok.save_pretrained(str(folder))
     return folder
+
+
+@pytest.fixture(scope="session")
+def random_llama(tiny_tokenizer: Path) -> Callable[[Path, int], Path]:
+    """random_llama(folder, seed) -> folder: a TINY_LLAMA initialized from `seed`, saved with the
+    tiny tokenizer as a model folder (a start model for a recipe's model.path)."""
+
+    def save(folder: Path, seed: int) -> Path:
+        import torch
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer))
+        torch.manual_seed(seed)
+        config = LlamaConfig(**{k: v for k, v in TINY_LLAMA.items() if k != "model_type"},
+                             vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                             eos_token_id=tok.eos_token_id)
+        LlamaForCausalLM(config).save_pretrained(str(folder))
+        tok.save_pretrained(str(folder))
+        return folder
+
+    return save
+
+
+@pytest.fixture(scope="session")
+def train_two_processes() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """train_two_processes(recipe, output_dir, *extra): `cpt train RECIPE --num-processes 2
+    --output-dir OUTPUT_DIR EXTRA...` as a user runs it (accelerate's launcher, offline), its
+    output captured."""
+
+    def run(recipe: Path, output_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cpt_cli", "train", str(recipe),
+                               "--num-processes", "2", "--output-dir", str(output_dir), *extra],
+                              capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1"))
+
+    return run
 
 
 @pytest.fixture

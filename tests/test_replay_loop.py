@@ -14,8 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -220,15 +219,13 @@ def test_eval_plot_draws_the_replay_share(straight: dict[str, Any], cli: Any) ->
 
 
 @pytest.mark.slow
-def test_two_processes_decide_as_one(straight: dict[str, Any]) -> None:
+def test_two_processes_decide_as_one(straight: dict[str, Any],
+                                     train_two_processes: Callable[..., Any]) -> None:
     tmp, paths = straight["tmp"], straight["paths"]
     recipe = recipe_file(tmp, "auto", [{"name": "code", "path": paths["code"]}],
                          **_sections(tmp, paths))
     two_dir = tmp / "two"
-    proc = subprocess.run([sys.executable, "-m", "cpt_cli", "train", str(recipe),
-                           "--num-processes", "2", "--output-dir", str(two_dir)],
-                          capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    proc = train_two_processes(recipe, two_dir)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     one, two = _replay_events(straight["result"].run_dir), _replay_events(two_dir)
     keys = ("step", "share", "weights", "worst_domain", "limited")

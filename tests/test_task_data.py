@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -344,20 +345,10 @@ def test_every_bad_combination_is_named_at_once(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Path) -> Path:
+def tiny_model(tmp_path_factory: pytest.TempPathFactory,
+               random_llama: Callable[[Path, int], Path]) -> Path:
     """A randomly initialized 2-layer Llama with the tiny tokenizer, saved as a model folder."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer))
-    torch.manual_seed(0)
-    config = LlamaConfig(**{k: v for k, v in TINY_LLAMA.items() if k != "model_type"},
-                         vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id)
-    folder = tmp_path_factory.mktemp("model")
-    LlamaForCausalLM(config).save_pretrained(str(folder))
-    tok.save_pretrained(str(folder))
-    return folder
+    return random_llama(tmp_path_factory.mktemp("model"), 0)
 
 
 def independent_answer_score(model_dir: Path, records: list[dict[str, str]]

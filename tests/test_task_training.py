@@ -10,17 +10,15 @@ trained from), 4 sequences of 64 tokens a step in 2 micro batches.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import yaml
-from test_trainer import TINY_MODEL, read_metrics, weights
+from test_trainer import read_metrics, weights
 
 from cpt_cli.config import load_recipe
 from cpt_cli.data.loader import PackedLoader
@@ -29,19 +27,10 @@ from cpt_cli.training.loop import train
 
 
 @pytest.fixture(scope="module")
-def start_model(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Path) -> Path:
+def start_model(tmp_path_factory: pytest.TempPathFactory,
+                random_llama: Callable[[Path, int], Path]) -> Path:
     """A randomly initialized tiny Llama with the tiny tokenizer, saved as a model folder."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer))
-    torch.manual_seed(3)
-    config = LlamaConfig(**{k: v for k, v in TINY_MODEL.items() if k != "model_type"},
-                         vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id)
-    folder = tmp_path_factory.mktemp("start-model")
-    LlamaForCausalLM(config).save_pretrained(str(folder))
-    tok.save_pretrained(str(folder))
-    return folder
+    return random_llama(tmp_path_factory.mktemp("start-model"), 3)
 
 
 def masked_recipe(tmp: Path, model: Path, corpus: dict[str, Path], packing: str = "concat",
@@ -143,16 +132,14 @@ def test_crashed_and_resumed_masked_run_is_bit_identical(
 
 @pytest.mark.slow
 def test_two_processes_match_one_on_a_masked_recipe(
-        tmp_path: Path, start_model: Path, quickstart_corpus: dict[str, Path]) -> None:
+        tmp_path: Path, start_model: Path, quickstart_corpus: dict[str, Path],
+        train_two_processes: Callable[..., Any]) -> None:
     """8 sequences a step: 4 micro batches of 2 on one process, 2 on each of two. The global
     batch, its trained tokens and so the loss are the same."""
     recipe = masked_recipe(tmp_path, start_model, quickstart_corpus, global_batch_size=8)
     one = train(load_recipe(recipe), output_dir=str(tmp_path / "one"))
     two_dir = tmp_path / "two"
-    proc = subprocess.run([sys.executable, "-m", "cpt_cli", "train", str(recipe),
-                           "--num-processes", "2", "--output-dir", str(two_dir)],
-                          capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    proc = train_two_processes(recipe, two_dir)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     def train_events(run_dir: Path) -> list[dict[str, Any]]:
