@@ -133,8 +133,7 @@ def measure(r: Any, seconds: float) -> dict[str, Any]:
         for mb in micro_batches:
             tokens += mb.input_ids.numel()
             batches += 1
-        if r.data.packing == "best_fit":
-            loader.step_label_tokens(step)  # the trainer asks for it every best_fit step
+        loader.step_trained_tokens(step)  # the trainer asks for it every step (per source)
         if time.perf_counter() - start > seconds:
             break
     elapsed = time.perf_counter() - start
